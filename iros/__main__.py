@@ -1,0 +1,3 @@
+from iros.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""Builds the ASGI app: the chat-completions pipeline in front, Starlette routes for the rest.
+
+app = create_app(load_settings("iros.yaml"))
+uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from iros import __version__
+from iros.admission import Admission
+from iros.auth import KeyRing, Principal, Role
+from iros.config import Settings
+from iros.errors import IrosError
+from iros.gateway import Gateway
+from iros.routing import Router
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+class IrosApp:
+    """The outer ASGI app: one comparison sends the hot path past all routing."""
+
+    def __init__(self, settings: Settings, gateway: Gateway, router: Router, keyring: KeyRing) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.router = router
+        self.keyring = keyring
+        self.started_at = time.time()
+        self.routes = Starlette(
+            routes=[
+                Route("/health", self.health, methods=["GET"]),
+                Route("/ready", self.ready, methods=["GET"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/api/system/status", self.system_status, methods=["GET"]),
+                Route("/api/config", self.config, methods=["GET"]),
+            ],
+            exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+            await self.gateway(scope, receive, send)
+        else:
+            await self.routes(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        await self.router.aclose()
+
+    def _auth(self, request: Request, need: Role = Role.CLIENT) -> Principal:
+        return self.keyring.authenticate(request.headers.get("authorization"), need)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def ready(self, request: Request) -> Response:
+        deployments = list(self.router.all())
+        checks = await asyncio.gather(*(d.backend.ready() for d in deployments))
+        models: dict[str, dict[str, Any]] = {}
+        for d, check in zip(deployments, checks, strict=True):
+            entry = models.setdefault(d.name, {"ready": False, "deployments": []})
+            entry["deployments"].append({"deployment": d.label, "ready": check.ready, "detail": check.detail})
+            entry["ready"] = entry["ready"] or check.ready
+        # Ready when every model has at least one deployment that answers.
+        ok = all(m["ready"] for m in models.values())
+        return JSONResponse({"ready": ok, "models": models}, status_code=200 if ok else 503)
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        first = self.router.deployments[name][0].settings
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "iros",
+            "group": first.group,
+            "tags": first.tags,
+            "deployments": len(self.router.deployments[name]),
+        }
+
+    async def models(self, request: Request) -> Response:
+        self._auth(request)
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.router.names]})
+
+    async def model(self, request: Request) -> Response:
+        self._auth(request)
+        name = request.path_params["model"]
+        if name not in self.router.deployments:
+            raise IrosError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(self._model_card(name))
+
+    async def system_status(self, request: Request) -> Response:
+        self._auth(request)
+        admission = self.gateway.admission
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_seconds": round(time.time() - self.started_at, 3),
+                "active_requests": admission.active,
+                "queued_requests": admission.queued,
+                "max_concurrency": admission.limit,
+                "max_queue": admission.max_queue,
+                "models": self.router.names,
+            }
+        )
+
+    async def config(self, request: Request) -> Response:
+        self._auth(request, Role.ADMIN)
+        return JSONResponse(redacted(self.settings))
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings, with every key and secret replaced by a marker."""
+    data = settings.model_dump(mode="json")
+    for kind in ("api_keys", "admin_keys"):
+        data["auth"][kind] = [
+            {"name": k["name"], "key_env": k["key_env"], "key": "***"} for k in data["auth"][kind]
+        ]
+    return data
+
+
+async def _iros_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, IrosError)
+    return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = IrosError(
+            404, f"no route {request.url.path}; the API is under /v1 and /api", code="not_found"
+        )
+    elif exc.status_code == 405:
+        error = IrosError(
+            405,
+            f"{request.method} is not allowed on {request.url.path}",
+            code="method_not_allowed",
+            headers=dict(exc.headers or {}),
+        )
+    else:
+        error = IrosError(exc.status_code, str(exc.detail), code="http_error")
+    return await _iros_error(request, error)
+
+
+def create_app(settings: Settings, router: Router | None = None) -> IrosApp:
+    router = router or Router(settings.models)
+    keyring = KeyRing(settings.auth)
+    server = settings.server
+    admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
+    gateway = Gateway(settings, router, keyring, admission)
+    return IrosApp(settings, gateway, router, keyring)

@@ -1,0 +1,20 @@
+"""Backends: one per kind of model server, each implementing iros.types.Backend."""
+
+from __future__ import annotations
+
+from iros.config import ModelSettings
+from iros.types import Backend
+
+
+def build_backend(settings: ModelSettings) -> Backend:
+    if settings.backend == "simulated":
+        from iros.backends.simulated import SimulatedBackend
+        from iros.simulation import PROFILES
+
+        return SimulatedBackend(PROFILES[settings.profile], settings.target_model)
+    from iros.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(settings)
+
+
+__all__ = ["build_backend"]

@@ -1,0 +1,117 @@
+"""The simulated model in-process: no sockets, the latency of a real model, and its faults on request.
+
+    backend = SimulatedBackend(PROFILES["lightweight"], "lightweight")
+    completion = await backend.complete(payload, spans)        # sleeps ttft + tokens / tokens_per_second
+    async for data in backend.stream(payload, spans): ...      # the JSON of each chunk, paced like a model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from iros.errors import UpstreamError
+from iros.simulation import (
+    CUT_AFTER_CHUNKS,
+    InvalidRequest,
+    Plan,
+    Profile,
+    chunk_bodies,
+    completion_body,
+    new_request_id,
+    plan,
+)
+from iros.spans import Spans
+from iros.types import Completion, Readiness
+
+HANG_SECONDS = 3600.0
+
+
+async def paced_chunks(
+    p: Plan, model: str, request_id: str, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """The plan's chunks in real time: the first after ttft, then one piece per token interval."""
+    if p.ttft_s > 0:
+        await asyncio.sleep(p.ttft_s)
+    pieces_sent = 0
+    for chunk in chunk_bodies(p, model, request_id, include_usage):
+        delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+        if "content" in delta and "role" not in delta:
+            # The first piece comes at ttft; each later one a token interval after the previous.
+            if pieces_sent and p.token_interval_s > 0:
+                await asyncio.sleep(p.token_interval_s)
+            pieces_sent += 1
+        yield chunk
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+SERVER_ERROR_BODY = error_body("the simulated model failed (a simulated fault)", "server_error", "simulated")
+
+
+class SimulatedBackend:
+    """A Backend (iros.types) answering from iros.simulation; see PROFILES for the fault profiles."""
+
+    def __init__(self, profile: Profile, model_name: str, rng: random.Random | None = None) -> None:
+        self.profile = profile
+        self.model_name = model_name
+        self._rng = rng or random.Random()
+
+    def _plan(self, payload: dict[str, Any]) -> Plan:
+        if payload.get("model") != self.model_name:
+            # As a real server would: the text depends on the model that answers, not the name asked for.
+            payload = {**payload, "model": self.model_name}
+        try:
+            return plan(payload, self.profile, self._rng)
+        except InvalidRequest as exc:
+            body = error_body(str(exc), "invalid_request_error", None, exc.param)
+            raise UpstreamError(f"simulated model rejected the request: {exc}", kind="status", status=400,
+                                body=body) from None
+
+    async def _headers(self, p: Plan, spans: Spans) -> None:
+        """The moment a real server's response headers arrive: at once, or never for a hung server."""
+        if p.fault == "hang":
+            await asyncio.sleep(HANG_SECONDS)
+        spans.lap("upstream_connect")
+        if p.fault == "error-500":
+            raise UpstreamError("simulated model answered 500", kind="status", status=500,
+                                body=SERVER_ERROR_BODY)
+
+    async def complete(self, payload: dict[str, Any], spans: Spans) -> Completion:
+        p = self._plan(payload)
+        await self._headers(p, spans)
+        delay = p.ttft_s + len(p.pieces) * p.token_interval_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if p.fault == "cut-stream":
+            raise UpstreamError("simulated model cut the answer short", kind="truncated")
+        spans.lap("upstream_ttft")
+        data = completion_body(p, self.model_name, new_request_id())
+        return Completion(body=orjson.dumps(data), data=data)
+
+    async def stream(self, payload: dict[str, Any], spans: Spans) -> AsyncIterator[bytes]:
+        p = self._plan(payload)
+        await self._headers(p, spans)
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        sent = 0
+        async for chunk in paced_chunks(p, self.model_name, new_request_id(), include_usage):
+            if p.fault == "cut-stream" and sent >= CUT_AFTER_CHUNKS:
+                raise UpstreamError("simulated model cut the stream", kind="truncated")
+            yield orjson.dumps(chunk)
+            sent += 1
+        if p.fault == "cut-stream":
+            # A plan too short to cut mid-way still never reaches [DONE].
+            raise UpstreamError("simulated model cut the stream", kind="truncated")
+
+    async def ready(self) -> Readiness:
+        return Readiness(True, "simulated")
+
+    async def aclose(self) -> None:
+        return None

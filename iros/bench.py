@@ -1,0 +1,546 @@
+"""`iros bench overhead`: the latency Iros adds in front of an upstream that costs nothing.
+
+nginx answers a fixed chat completion (the cheapest upstream there is), wrk drives it once directly and
+once through an Iros subprocess, and the difference between the two is Iros's cost:
+
+    result = run_overhead([1, 16, 64], duration=10)   # a JSON-able dict; see the bottom of this file
+
+Everything runs on loopback ports in a temp dir, and every process started here is stopped in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import math
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+INSTALL_HINT = "install it with `apt-get install wrk nginx-light` (Debian/Ubuntu) or run ./scripts/install"
+TARGETS = {"added_p50_ms_at_c1_max": 0.5, "iros_rps_at_c64_min": 3000}
+
+# nginx lives in /usr/sbin, which is not on a non-root user's PATH on Debian.
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+MODEL = "bench"
+COMPLETION = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": MODEL,
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello!"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+}
+MODELS = {
+    "object": "list",
+    "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "bench"}],
+}
+REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]}
+
+_WRK_MARK = "IROS_BENCH_RESULT "
+_STOP_TIMEOUT = 5.0
+
+
+class BenchError(Exception):
+    """A failure the user can act on; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+
+def _find(name: str, extra_dirs: tuple[str, ...] = ()) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in extra_dirs:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _tools() -> tuple[str, str]:
+    wrk = _find("wrk")
+    nginx = _find("nginx", _SBIN_DIRS)
+    missing = [name for name, path in (("wrk", wrk), ("nginx", nginx)) if path is None]
+    if missing or wrk is None or nginx is None:
+        names = " and ".join(missing)
+        raise BenchError(
+            f"{names} not found on PATH: `iros bench overhead` needs wrk and nginx; {INSTALL_HINT}"
+        )
+    return wrk, nginx
+
+
+def check_tools() -> None:
+    """Raise BenchError, saying what to install, when wrk or nginx is missing."""
+    _tools()
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _free_port() -> int:
+    # The kernel picks a free port; the tiny window before nginx/Iros bind it again is accepted.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no output)"
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the process group, then SIGKILL it if it lingers (nginx workers share the group)."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(_STOP_TIMEOUT)
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        # A session of its own: Ctrl+C reaches only us, and we stop the children in order, in `finally`.
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def _nginx_string(value: dict[str, Any]) -> str:
+    text = orjson.dumps(value).decode()
+    # Inside `return 200 '...'` a `$` starts a variable and `'`/`\` need escaping; our fixed JSON has
+    # none of them, so refuse rather than silently serve something else.
+    if any(ch in text for ch in "$'\\"):
+        raise ValueError(f"cannot embed {text!r} in an nginx string")
+    return f"'{text}'"
+
+
+def nginx_config(workdir: Path, port: int, max_connections: int = 64) -> str:
+    """An nginx.conf that serves the fixed completion and model list, with every path inside workdir."""
+    # As root, nginx would hand its worker to `nobody`; name the current user so it runs as us.
+    user = ""
+    if os.geteuid() == 0:
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+    temp = "\n".join(
+        f"    {kind}_temp_path {workdir / 'nginx-tmp' / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+{user}worker_processes 1;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "nginx-error.log"} warn;
+events {{
+    worker_connections {max(1024, 2 * max_connections + 64)};
+}}
+http {{
+    access_log off;
+{temp}
+    default_type application/json;
+    # wrk and Iros's pool reuse connections; nginx's default of 1000 requests each would churn them.
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /v1/chat/completions {{
+            return 200 {_nginx_string(COMPLETION)};
+        }}
+        location = /v1/models {{
+            return 200 {_nginx_string(MODELS)};
+        }}
+        location / {{
+            return 404 '{{"error":{{"message":"not found","type":"invalid_request_error"}}}}';
+        }}
+    }}
+}}
+"""
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"{what} exited with status {proc.returncode} while starting; its output:\n{_tail(log)}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+            exc.close()
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise BenchError(
+        f"{what} did not answer {url} within {timeout:.0f}s (last: {last}); its output:\n{_tail(log)}"
+    )
+
+
+def start_nginx(
+    workdir: Path, nginx: str | None = None, max_connections: int = 64
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the zero-cost upstream; returns the process and its port. The caller stops it with _stop."""
+    nginx = nginx or _tools()[1]
+    port = _free_port()
+    (workdir / "nginx-tmp").mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_config(workdir, port, max_connections))
+    log = workdir / "nginx-error.log"
+    # -e: nginx opens its compiled-in error log before reading the config; keep even that in workdir.
+    cmd = [nginx, "-p", f"{workdir}/", "-e", str(log), "-c", str(conf), "-g", "daemon off;"]
+    proc = _spawn(cmd, workdir / "nginx-output.log")
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 10.0, "nginx", log)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, port
+
+
+def iros_config(port: int, upstream_port: int) -> str:
+    return (
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        "auth: {open: true}\n"
+        "models:\n"
+        f'  - {{name: {MODEL}, backend: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}\n'
+    )
+
+
+def start_iros(workdir: Path, upstream_port: int, workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    conf = workdir / "iros.yaml"
+    conf.write_text(iros_config(port, upstream_port))
+    cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
+    log = workdir / "iros.log"
+    proc = _spawn(cmd, log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, 20.0, "Iros (`iros serve`)", log)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, port
+
+
+# ------------------------------------------------------------------------------------------------ wrk
+
+# wrk's Lua is LuaJIT or 5.1-5.4; %.1f works for numbers in all of them where %d would reject floats on 5.3+.
+_WRK_LUA = """\
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{mark}{{"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,' ..
+    '"errors":{{"connect":%.0f,"read":%.0f,"write":%.0f,"status":%.0f,"timeout":%.0f}},' ..
+    '"latency_us":{{"mean":%.3f,"stdev":%.3f,"min":%.0f,"max":%.0f,"p50":%.1f,"p90":%.1f,"p95":%.1f,"p99":%.1f}}}}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency.stdev, latency.min, latency.max,
+    latency:percentile(50), latency:percentile(90), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def wrk_script() -> str:
+    body = orjson.dumps(REQUEST).decode()
+    # A Lua long string needs no escaping for JSON.
+    return _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+
+
+@dataclass
+class _Phase:
+    progress: Progress | None
+    task: TaskID | None
+    overall: TaskID | None
+
+
+def _run_wrk(
+    wrk: str, script: Path, url: str, concurrency: int, duration: float, out: Path, phase: _Phase, label: str
+) -> dict[str, Any]:
+    # wrk's -d takes whole seconds only: round up, and SIGINT it at the exact time; wrk stops its clock
+    # and reports normally on SIGINT.
+    whole = max(1, math.ceil(duration))
+    cmd = [
+        wrk,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{whole}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+    if phase.progress is not None and phase.task is not None:
+        phase.progress.reset(phase.task, total=duration, description=label, clock="")
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    start = time.monotonic()
+    interrupted = False
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - start
+            if not interrupted and duration < whole and elapsed >= duration:
+                proc.send_signal(signal.SIGINT)
+                interrupted = True
+            if phase.progress is not None and phase.task is not None:
+                done = min(elapsed, duration)
+                phase.progress.update(phase.task, completed=done, clock=f"{done:5.1f}/{duration:g}s")
+            if elapsed > whole + 15:
+                raise BenchError(f"wrk did not finish {label} in time; its output:\n{_tail(out)}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.1)
+    finally:
+        _stop(proc)
+    if phase.progress is not None:
+        if phase.task is not None:
+            phase.progress.update(phase.task, completed=duration)
+        if phase.overall is not None:
+            phase.progress.advance(phase.overall, duration)
+    text = out.read_text(errors="replace")
+    for line in text.splitlines():
+        if line.startswith(_WRK_MARK):
+            result: dict[str, Any] = orjson.loads(line[len(_WRK_MARK) :])
+            return result
+    raise BenchError(
+        f"wrk gave no result for {label} (exit status {proc.returncode}); its output:\n{_tail(out)}"
+    )
+
+
+def _ms(us: float) -> float:
+    return round(us / 1000.0, 3)
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """wrk's numbers in the report's shape: rates per second, latencies in ms (3 decimals)."""
+    lat = raw["latency_us"]
+    kinds = {k: int(v) for k, v in raw["errors"].items()}
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "rps": round(raw["requests"] / seconds, 1) if seconds > 0 else 0.0,
+        "p50_ms": _ms(lat["p50"]),
+        "p90_ms": _ms(lat["p90"]),
+        "p95_ms": _ms(lat["p95"]),
+        "p99_ms": _ms(lat["p99"]),
+        "mean_ms": _ms(lat["mean"]),
+        "max_ms": _ms(lat["max"]),
+        "requests": int(raw["requests"]),
+        # Every failure in one number, so a run with any is plain to see; the kinds say which.
+        # `status` is wrk's count of responses with an HTTP status of 400 or more.
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def _workdir(keep_dir: Path | None) -> Iterator[Path]:
+    if keep_dir is not None:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        yield keep_dir.resolve()
+        return
+    path = Path(tempfile.mkdtemp(prefix="iros-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Our children run in sessions of their own, so a plain `kill` of us would orphan them: turn
+    SIGTERM into KeyboardInterrupt while we run, so the same `finally` stops them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    return Progress(
+        TextColumn("[bold]{task.description}", justify="left"),
+        BarColumn(),
+        TextColumn("{task.fields[clock]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def run_overhead(
+    concurrency: list[int],
+    duration: float,
+    *,
+    warmup: float = 2.0,
+    iros_workers: int = 1,
+    progress: bool = True,
+    keep_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Measure wrk against nginx directly and through Iros at each concurrency; returns the report."""
+    if not concurrency or any(c < 1 for c in concurrency):
+        raise BenchError("give one or more concurrencies of at least 1, e.g. --concurrency 1,16,64")
+    if duration <= 0 or warmup < 0:
+        raise BenchError("--duration must be above 0 seconds, and the warm-up 0 or more")
+    if iros_workers < 1:
+        raise BenchError("Iros needs at least 1 worker")
+    wrk, nginx = _tools()
+
+    results: list[dict[str, Any]] = []
+    nginx_proc: subprocess.Popen[bytes] | None = None
+    iros_proc: subprocess.Popen[bytes] | None = None
+    bar = _progress(progress)
+    with (
+        _sigterm_as_interrupt(),
+        _workdir(keep_dir) as workdir,
+        bar if bar is not None else contextlib.nullcontext(),
+    ):
+        try:
+            phase = _Phase(bar, None, None)
+            if bar is not None:
+                total = len(concurrency) * 2 * (duration + warmup)
+                phase.overall = bar.add_task("all runs", total=total, clock="")
+                phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
+            nginx_proc, nginx_port = start_nginx(workdir, nginx, max(concurrency))
+            iros_proc, iros_port = start_iros(workdir, nginx_port, iros_workers)
+            script = workdir / "bench.lua"
+            script.write_text(wrk_script())
+            targets = {
+                "direct": (f"http://127.0.0.1:{nginx_port}/v1/chat/completions", "directly at nginx"),
+                "iros": (f"http://127.0.0.1:{iros_port}/v1/chat/completions", "through Iros"),
+            }
+            for c in concurrency:
+                row: dict[str, Any] = {"concurrency": c}
+                for key, (url, where) in targets.items():
+                    if warmup > 0:
+                        out = workdir / f"wrk-c{c}-{key}-warmup.txt"
+                        _run_wrk(wrk, script, url, c, warmup, out, phase, f"c={c} {where} (warm-up)")
+                    out = workdir / f"wrk-c{c}-{key}.txt"
+                    raw = _run_wrk(wrk, script, url, c, duration, out, phase, f"c={c} {where}")
+                    row[key] = summarize(raw)
+                    # A dead server shows up as connect errors; say so instead of reporting nonsense.
+                    for proc, name, log in (
+                        (nginx_proc, "nginx", "nginx-error.log"),
+                        (iros_proc, "Iros", "iros.log"),
+                    ):
+                        if proc.poll() is not None:
+                            raise BenchError(
+                                f"{name} exited (status {proc.returncode}) during c={c}; "
+                                f"its output:\n{_tail(workdir / log)}"
+                            )
+                direct, through = row["direct"], row["iros"]
+                row["added_ms"] = {
+                    p: round(through[f"{p}_ms"] - direct[f"{p}_ms"], 3) for p in ("p50", "p95", "p99")
+                }
+                row["throughput_ratio"] = round(through["rps"] / direct["rps"], 3) if direct["rps"] else None
+                results.append(row)
+        finally:
+            _stop(iros_proc)
+            _stop(nginx_proc)
+
+    return {
+        "benchmark": "overhead",
+        "duration_s": float(duration),
+        "warmup_s": float(warmup),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "iros_workers": iros_workers,
+        },
+        "results": results,
+        "targets": dict(TARGETS),
+        "met": _met(results),
+    }
+
+
+def _met(results: list[dict[str, Any]]) -> dict[str, bool | None]:
+    by_c = {row["concurrency"]: row for row in results}
+    met: dict[str, bool | None] = {"added_p50_at_c1": None, "rps_at_c64": None}
+    # A run with errors never meets a target: fast error responses would flatter both numbers.
+    if 1 in by_c:
+        row = by_c[1]
+        clean = row["direct"]["errors"] == 0 and row["iros"]["errors"] == 0
+        met["added_p50_at_c1"] = clean and row["added_ms"]["p50"] <= TARGETS["added_p50_ms_at_c1_max"]
+    if 64 in by_c:
+        iros = by_c[64]["iros"]
+        met["rps_at_c64"] = iros["errors"] == 0 and iros["rps"] >= TARGETS["iros_rps_at_c64_min"]
+    return met
+
+
+def _write(stream: IO[bytes], value: dict[str, Any]) -> None:
+    stream.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+    stream.flush()
+
+
+if __name__ == "__main__":  # for trials: python -m iros.bench [c,c,...] [duration]
+    levels = [int(c) for c in (sys.argv[1] if len(sys.argv) > 1 else "1,16,64").split(",")]
+    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
+    try:
+        _write(sys.stdout.buffer, run_overhead(levels, seconds))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,406 @@
+"""The request pipeline of /v1/chat/completions: auth → parse → cache → route → queue → call → respond.
+
+A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
+speaks ASGI directly instead of going through a framework's request and response objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from iros.admission import Admission
+from iros.auth import KeyRing
+from iros.config import Settings
+from iros.errors import IrosError, UpstreamError
+from iros.routing import Deployment, Router
+from iros.schema import ParsedRequest, parse_request
+from iros.spans import Spans
+from iros.types import Completion
+
+log = logging.getLogger("iros.gateway")
+access_log = logging.getLogger("iros.access")
+
+_JSON = (b"content-type", b"application/json")
+_SSE = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request; observers (metrics, logs, analysis) read it when it ends."""
+
+    request_id: str
+    started_at: float
+    spans: Spans
+    principal: str = "-"
+    model: str | None = None
+    deployment: str | None = None
+    stream: bool = False
+    status: int = 0
+    cache: str = "bypass"
+    attempts: int = 0
+    chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    client_gone: bool = False
+
+
+Observer = Callable[[RequestRecord], None]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, settings: Settings, router: Router, keyring: KeyRing, admission: Admission) -> None:
+        self.settings = settings
+        self.router = router
+        self.keyring = keyring
+        self.admission = admission
+        self.max_body = settings.server.max_body_bytes
+        self.observers: list[Observer] = []
+        if settings.server.access_log:
+            self.observers.append(_log_access)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spans = Spans()
+        record = RequestRecord(uuid.uuid4().hex, time.time(), spans)
+        started = False
+        try:
+            if scope["method"] != "POST":
+                raise IrosError(
+                    405,
+                    "use POST for /v1/chat/completions",
+                    code="method_not_allowed",
+                    headers={"allow": "POST"},
+                )
+            authorization = content_length = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"content-length":
+                    content_length = value
+            principal = self.keyring.authenticate(authorization)
+            record.principal = principal.name
+            spans.lap("auth")
+            request = parse_request(await self._read_body(receive, content_length))
+            record.model, record.stream = request.model, request.stream
+            spans.lap("parse")
+            # No response cache is configured yet: every request bypasses it.
+            spans.lap("cache")
+            candidates = self.router.candidates(request.model)
+            spans.lap("route")
+            await self.admission.acquire()
+            spans.lap("queue")
+            try:
+                if request.stream:
+                    started = await self._stream(request, candidates, record, receive, send)
+                else:
+                    started = await self._complete(request, candidates, record, send)
+            finally:
+                self.admission.release()
+        except IrosError as exc:
+            record.status, record.error = exc.status, exc.code or exc.type
+            await self._send_error(send, exc, record)
+        except _ClientGone:
+            record.status, record.client_gone = 499, True
+        except Exception:
+            # A bug, not bad input: say so once, keep serving.
+            log.exception("request %s failed inside Iros", record.request_id)
+            record.status, record.error = 500, "internal_error"
+            if not started:
+                await self._send_error(
+                    send,
+                    IrosError(
+                        500,
+                        f"internal error (request {record.request_id})",
+                        type="server_error",
+                        code="internal_error",
+                    ),
+                    record,
+                )
+        finally:
+            spans.finish()
+            for observer in self.observers:
+                try:
+                    observer(record)
+                except Exception:
+                    log.exception("observer %r failed", observer)
+
+    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
+        limit = self.max_body
+        if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+            raise _too_large(limit)
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            body += message.get("body") or b""
+            if len(body) > limit:
+                raise _too_large(limit)
+            if not message.get("more_body"):
+                return body
+
+    def _attempts(self, candidates: list[Deployment]) -> list[Deployment]:
+        n = self.settings.retry.attempts
+        return [candidates[i % len(candidates)] for i in range(n)]
+
+    async def _backoff(self, attempt: int, candidates: list[Deployment]) -> None:
+        # Moving on to a fresh deployment needs no pause; coming back to one already tried does.
+        if attempt < len(candidates):
+            return
+        retry = self.settings.retry
+        delay = min(retry.backoff_ms * 2 ** (attempt - len(candidates)), retry.max_backoff_ms) / 1000
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _complete(
+        self, request: ParsedRequest, candidates: list[Deployment], record: RequestRecord, send: Send
+    ) -> bool:
+        spans = record.spans
+        failure: UpstreamError | None = None
+        completion: Completion | None = None
+        for attempt, deployment in enumerate(self._attempts(candidates)):
+            if attempt:
+                await self._backoff(attempt, candidates)
+                spans.lap("retry")
+            record.attempts, record.deployment = attempt + 1, deployment.label
+            try:
+                completion = await deployment.backend.complete(request.data, spans)
+                break
+            except UpstreamError as exc:
+                spans.lap("upstream_connect")
+                failure = exc
+                log.warning(
+                    "request %s: %s attempt %d failed: %s",
+                    record.request_id,
+                    deployment.label,
+                    attempt + 1,
+                    exc,
+                )
+                if not exc.retryable:
+                    break
+        if completion is None:
+            assert failure is not None
+            raise failure.to_client()
+        _note_result(record, completion.data)
+        record.status = 200
+        headers = self._headers(
+            record, deployment.name, [_JSON, (b"content-length", b"%d" % len(completion.body))]
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": completion.body})
+        spans.lap("respond")
+        return True
+
+    async def _stream(
+        self,
+        request: ParsedRequest,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        receive: Receive,
+        send: Send,
+    ) -> bool:
+        spans = record.spans
+        failure: UpstreamError | None = None
+        # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
+        # for another without the client ever seeing it.
+        for attempt, deployment in enumerate(self._attempts(candidates)):
+            if attempt:
+                await self._backoff(attempt, candidates)
+                spans.lap("retry")
+            record.attempts, record.deployment = attempt + 1, deployment.label
+            chunks = deployment.backend.stream(request.data, spans)
+            try:
+                first: bytes | None = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except UpstreamError as exc:
+                spans.lap("upstream_connect")
+                failure = exc
+                log.warning(
+                    "request %s: %s attempt %d failed: %s",
+                    record.request_id,
+                    deployment.label,
+                    attempt + 1,
+                    exc,
+                )
+                if not exc.retryable:
+                    break
+                continue
+            spans.lap("upstream_ttft")
+            await self._relay(chunks, first, deployment, record, receive, send)
+            return True
+        assert failure is not None
+        raise failure.to_client()
+
+    async def _relay(
+        self,
+        chunks: AsyncIterator[bytes],
+        first: bytes | None,
+        deployment: Deployment,
+        record: RequestRecord,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        spans = record.spans
+        record.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": self._headers(record, deployment.name, _SSE),
+            }
+        )
+        spans.skip()
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"finished": False, "gone": False}
+
+        async def watch() -> None:
+            # A client that hangs up must stop the upstream generation, not leave it running.
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["finished"]:
+                        state["gone"] = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            if first is not None:
+                record.chunks = 1
+                _note_chunk(record, first)
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + first + b"\n\n", "more_body": True}
+                )
+                async for data in chunks:
+                    record.chunks += 1
+                    if b'"finish_reason":"' in data or b'"usage":{' in data:
+                        _note_chunk(record, data)
+                    await send(
+                        {"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True}
+                    )
+            spans.lap("stream")
+            state["finished"] = True
+            await send({"type": "http.response.body", "body": _DONE})
+        except UpstreamError as exc:
+            spans.lap("stream")
+            state["finished"] = True
+            error = exc.to_client()
+            record.error = error.code
+            record.status = error.status
+            log.warning(
+                "request %s: %s stream failed after %d chunks: %s",
+                record.request_id,
+                deployment.label,
+                record.chunks,
+                exc,
+            )
+            # The status line is gone already; an error event tells the client the stream is incomplete.
+            await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()
+            spans.lap("stream")
+            record.client_gone, record.status = True, 499
+        finally:
+            watcher.cancel()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _headers(
+        self, record: RequestRecord, model: str, base: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        overhead = record.spans.overhead_ns(time.perf_counter_ns()) / 1e6
+        return [
+            *base,
+            (b"x-iros-request-id", record.request_id.encode()),
+            (b"x-iros-model", model.encode()),
+            (b"x-iros-cache", record.cache.encode()),
+            (b"x-iros-overhead-ms", b"%.3f" % overhead),
+        ]
+
+    async def _send_error(self, send: Send, error: IrosError, record: RequestRecord) -> None:
+        body = error.body()
+        headers = [
+            _JSON,
+            (b"content-length", b"%d" % len(body)),
+            (b"x-iros-request-id", record.request_id.encode()),
+            *((k.encode(), v.encode()) for k, v in error.headers.items()),
+        ]
+        try:
+            await send({"type": "http.response.start", "status": error.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:
+            pass
+
+
+def _too_large(limit: int) -> IrosError:
+    return IrosError(
+        413, f"the request body is over the {limit}-byte limit (server.max_body_bytes)", code="body_too_large"
+    )
+
+
+def _note_result(record: RequestRecord, data: dict[str, Any]) -> None:
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        record.finish_reason = choices[0].get("finish_reason")
+
+
+def _note_chunk(record: RequestRecord, data: bytes) -> None:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(chunk, dict):
+        usage, choices = chunk.get("usage"), chunk.get("choices")
+        if isinstance(usage, dict):
+            record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        if (
+            isinstance(choices, list)
+            and choices
+            and isinstance(choices[0], dict)
+            and choices[0].get("finish_reason")
+        ):
+            record.finish_reason = choices[0]["finish_reason"]
+
+
+def _log_access(record: RequestRecord) -> None:
+    ms = record.spans.ms()
+    access_log.info(
+        "%s %s model=%s via=%s status=%d cache=%s stream=%s total_ms=%.2f overhead_ms=%.3f attempts=%d%s",
+        record.request_id,
+        record.principal,
+        record.model,
+        record.deployment,
+        record.status,
+        record.cache,
+        record.stream,
+        ms["total"],
+        ms["overhead"],
+        record.attempts,
+        f" error={record.error}" if record.error else "",
+    )
