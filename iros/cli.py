@@ -96,6 +96,8 @@ def serve(
         log_config=None,
         log_level=s.log_level,
         server_header=False,
+        # No proxy is trusted to name client addresses, so uvicorn's forwarded-headers middleware is off.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(s.shutdown_timeout_seconds) or None,
     )
 

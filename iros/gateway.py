@@ -7,10 +7,11 @@ speaks ASGI directly instead of going through a framework's request and response
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,12 +76,15 @@ class Gateway:
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
         self.observers: list[Observer] = []
+        # Request ids: a random per-process prefix and a counter; unique across workers, cheaper than uuid4.
+        self._id_prefix = os.urandom(5).hex()
+        self._ids = itertools.count(1)
         if settings.server.access_log:
             self.observers.append(_log_access)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
-        record = RequestRecord(uuid.uuid4().hex, time.time(), spans)
+        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
         started = False
         try:
             if scope["method"] != "POST":

@@ -140,8 +140,10 @@ def build_app(profile: str = "lightweight", api_key: str | None = None) -> Starl
         if (denied := unauthorized(request)) is not None:
             return denied
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "iros-simulated"}
-                for name in PROFILES]
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "iros-simulated"}
+            for name in PROFILES
+        ]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
 
     async def health(request: Request) -> Response:
@@ -186,7 +188,13 @@ def run(host: str, port: int, profile: str, api_key: str | None) -> None:
     app = build_app(profile, api_key)
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     uvicorn.run(
-        app, host=host, port=port, loop=loop, http="httptools", access_log=False, log_level="warning",
+        app,
+        host=host,
+        port=port,
+        loop=loop,
+        http="httptools",
+        access_log=False,
+        log_level="warning",
         # A hung request would otherwise hold shutdown for an hour.
         timeout_graceful_shutdown=2,
     )

@@ -104,6 +104,7 @@ def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 # ---------------------------------------------------------------------------------------------- words
 
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
@@ -226,11 +227,14 @@ class Plan:
         }
 
 
+_LATENCY = random.Random()
+
+
 def plan(payload: dict[str, Any], profile: Profile, rng_latency: random.Random | None = None) -> Plan:
     """Decide the answer to a chat-completion payload. Raises InvalidRequest for a payload no model takes.
 
-    The text is a function of (model, messages, seed) only; `rng_latency` (default: a fresh, randomly
-    seeded generator) decides the latency and a flaky profile's failures.
+    The text is a function of (model, messages, seed) only; `rng_latency` (default: one randomly
+    seeded generator shared by all callers) decides the latency and a flaky profile's failures.
     """
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -238,7 +242,7 @@ def plan(payload: dict[str, Any], profile: Profile, rng_latency: random.Random |
     cap = _max_tokens(payload)
     stops = _stops(payload.get("stop"))
     rng = random.Random(_digest(payload, messages))
-    lat = rng_latency or random.Random()
+    lat = rng_latency or _LATENCY
 
     tool_calls = _tool_calls(payload, rng)
     if tool_calls:

@@ -34,8 +34,14 @@ class ThreadServer:
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(
-            build_app("instant", api_key), loop="uvloop", http="httptools", ws="none", lifespan="off",
-            log_config=None, access_log=False, timeout_graceful_shutdown=1,
+            build_app("instant", api_key),
+            loop="uvloop",
+            http="httptools",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -79,7 +85,10 @@ class TestOpenAISDK:
 
     def test_streaming_chunks_add_up_to_the_usage(self, client: openai.OpenAI) -> None:
         stream = client.chat.completions.create(
-            model="instant", messages=MESSAGES, seed=3, stream=True,
+            model="instant",
+            messages=MESSAGES,
+            seed=3,
+            stream=True,
             stream_options={"include_usage": True},
         )
         chunks = list(stream)
@@ -88,8 +97,10 @@ class TestOpenAISDK:
         usage = chunks[-1].usage
         assert usage is not None and not chunks[-1].choices
         assert len(pieces) == usage.completion_tokens
-        assert "".join(pieces) == plan({"model": "instant", "messages": MESSAGES, "seed": 3},
-                                       PROFILES["instant"]).content
+        assert (
+            "".join(pieces)
+            == plan({"model": "instant", "messages": MESSAGES, "seed": 3}, PROFILES["instant"]).content
+        )
         assert finish == ["stop"]
 
     def test_unknown_model_uses_the_default_profile_and_echoes_the_name(self, client: openai.OpenAI) -> None:
@@ -121,14 +132,20 @@ class TestHTTP:
         assert resp.json()["error"]["code"] == "invalid_api_key"
 
     def test_bad_json_is_a_400_in_the_openai_shape(self, server: ThreadServer) -> None:
-        resp = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json",
-                          headers={"authorization": f"Bearer {KEY}"})
+        resp = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=b"{not json",
+            headers={"authorization": f"Bearer {KEY}"},
+        )
         assert resp.status_code == 400
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
     def test_invalid_request_names_the_parameter(self, server: ThreadServer) -> None:
-        resp = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
-                          json={"model": "instant", "messages": MESSAGES, "max_tokens": -1})
+        resp = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "instant", "messages": MESSAGES, "max_tokens": -1},
+        )
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"
 
     def test_health_needs_no_key_and_unknown_paths_are_openai_404s(self, server: ThreadServer) -> None:
@@ -139,8 +156,9 @@ class TestHTTP:
 
     def test_stream_is_server_sent_events_ending_in_done(self, server: ThreadServer) -> None:
         body = {"model": "instant", "messages": MESSAGES, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                          headers={"authorization": f"Bearer {KEY}"}) as resp:
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}
+        ) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             raw = resp.read()
         events = raw.split(b"\n\n")
@@ -155,8 +173,12 @@ class TestFaults:
         events: list[str] = []
         with (
             pytest.raises(httpx.RemoteProtocolError),
-            httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                         headers={"authorization": f"Bearer {KEY}"}) as resp,
+            httpx.stream(
+                "POST",
+                f"{server.url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {KEY}"},
+            ) as resp,
         ):
             assert resp.status_code == 200
             events.extend(line for line in resp.iter_lines() if line)
@@ -177,21 +199,27 @@ class TestFaults:
         body = {"model": "cut-stream", "messages": MESSAGES}
         async with (
             aiohttp.ClientSession() as session,
-            session.post(f"{server.url}/v1/chat/completions", json=body,
-                         headers={"authorization": f"Bearer {KEY}"}) as resp,
+            session.post(
+                f"{server.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}
+            ) as resp,
         ):
             assert resp.status == 200 and resp.content_length
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
 
-    def test_a_cut_is_not_logged_as_a_server_error(self, server: ThreadServer,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def test_a_cut_is_not_logged_as_a_server_error(
+        self, server: ThreadServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
         caplog.set_level(logging.ERROR, logger="uvicorn.error")
         body = {"model": "cut-stream", "messages": MESSAGES, "stream": True}
         with (
             pytest.raises(httpx.RemoteProtocolError),
-            httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                         headers={"authorization": f"Bearer {KEY}"}) as resp,
+            httpx.stream(
+                "POST",
+                f"{server.url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {KEY}"},
+            ) as resp,
         ):
             resp.read()
         assert not [r for r in caplog.records if r.name == "uvicorn.error"]
@@ -202,8 +230,9 @@ class TestFaults:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             start = time.perf_counter()
             with pytest.raises(TimeoutError):
-                await session.post(f"{server.url}/v1/chat/completions", json=body,
-                                   headers={"authorization": f"Bearer {KEY}"})
+                await session.post(
+                    f"{server.url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}
+                )
             assert time.perf_counter() - start >= 0.29
 
 
@@ -224,8 +253,10 @@ def test_run_serves_with_uvloop_and_httptools_in_a_subprocess() -> None:
                 assert proc.poll() is None, proc.communicate()[0].decode()
                 assert time.monotonic() < deadline, "mock upstream did not start"
                 time.sleep(0.05)
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                           json={"model": "lightweight", "messages": MESSAGES, "max_tokens": 3})
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "lightweight", "messages": MESSAGES, "max_tokens": 3},
+        )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
     finally:
         proc.terminate()

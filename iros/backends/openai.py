@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from iros.config import ModelSettings
 from iros.errors import UpstreamError
@@ -25,8 +26,9 @@ class OpenAIBackend:
     def __init__(self, settings: ModelSettings, session: aiohttp.ClientSession | None = None) -> None:
         assert settings.base_url
         self.settings = settings
-        self.url = f"{settings.base_url}/chat/completions"
-        self.models_url = f"{settings.base_url}/models"
+        # Parsed once: aiohttp would parse a string URL on every request.
+        self.url = URL(f"{settings.base_url}/chat/completions")
+        self.models_url = URL(f"{settings.base_url}/models")
         self.target_model = settings.target_model
         headers = {"content-type": "application/json"}
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
@@ -49,8 +51,8 @@ class OpenAIBackend:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-                auto_decompress=True,
+                # Cookies an upstream sets for one client must never ride along on another's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 raise_for_status=False,
             )
         return self._session

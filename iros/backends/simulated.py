@@ -1,8 +1,8 @@
 """The simulated model in-process: no sockets, the latency of a real model, and its faults on request.
 
-    backend = SimulatedBackend(PROFILES["lightweight"], "lightweight")
-    completion = await backend.complete(payload, spans)        # sleeps ttft + tokens / tokens_per_second
-    async for data in backend.stream(payload, spans): ...      # the JSON of each chunk, paced like a model
+backend = SimulatedBackend(PROFILES["lightweight"], "lightweight")
+completion = await backend.complete(payload, spans)        # sleeps ttft + tokens / tokens_per_second
+async for data in backend.stream(payload, spans): ...      # the JSON of each chunk, paced like a model
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class SimulatedBackend:
             return plan(payload, self.profile, self._rng)
         except InvalidRequest as exc:
             body = error_body(str(exc), "invalid_request_error", None, exc.param)
-            raise UpstreamError(f"simulated model rejected the request: {exc}", kind="status", status=400,
-                                body=body) from None
+            raise UpstreamError(
+                f"simulated model rejected the request: {exc}", kind="status", status=400, body=body
+            ) from None
 
     async def _headers(self, p: Plan, spans: Spans) -> None:
         """The moment a real server's response headers arrive: at once, or never for a hung server."""
@@ -80,8 +81,9 @@ class SimulatedBackend:
             await asyncio.sleep(HANG_SECONDS)
         spans.lap("upstream_connect")
         if p.fault == "error-500":
-            raise UpstreamError("simulated model answered 500", kind="status", status=500,
-                                body=SERVER_ERROR_BODY)
+            raise UpstreamError(
+                "simulated model answered 500", kind="status", status=500, body=SERVER_ERROR_BODY
+            )
 
     async def complete(self, payload: dict[str, Any], spans: Spans) -> Completion:
         p = self._plan(payload)
