@@ -18,14 +18,11 @@ import platform
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,8 @@ from typing import IO, Any
 import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from iros.process import ChildProcess, ProcessFailed, free_port, tail
 
 INSTALL_HINT = "install it with `apt-get install wrk nginx-light` (Debian/Ubuntu) or run ./scripts/install"
 TARGETS = {"added_p50_ms_at_c1_max": 0.5, "iros_rps_at_c64_min": 3000}
@@ -103,51 +102,6 @@ def check_tools() -> None:
     _tools()
 
 
-# ------------------------------------------------------------------------------------------ processes
-
-
-def _free_port() -> int:
-    # The kernel picks a free port; the tiny window before nginx/Iros bind it again is accepted.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no output)"
-    return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM the process group, then SIGKILL it if it lingers (nginx workers share the group)."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(_STOP_TIMEOUT)
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        # A session of its own: Ctrl+C reaches only us, and we stop the children in order, in `finally`.
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
 def _nginx_string(value: dict[str, Any]) -> str:
     text = orjson.dumps(value).decode()
     # Inside `return 200 '...'` a `$` starts a variable and `'`/`\` need escaping; our fixed JSON has
@@ -197,49 +151,32 @@ http {{
 """
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"{what} exited with status {proc.returncode} while starting; its output:\n{_tail(log)}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-            exc.close()
-        except (OSError, urllib.error.URLError) as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise BenchError(
-        f"{what} did not answer {url} within {timeout:.0f}s (last: {last}); its output:\n{_tail(log)}"
-    )
+def _start(child: ChildProcess, timeout: float) -> ChildProcess:
+    try:
+        return child.start(timeout)
+    except ProcessFailed as exc:
+        raise BenchError(str(exc)) from None
 
 
-def start_nginx(
-    workdir: Path, nginx: str | None = None, max_connections: int = 64
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the zero-cost upstream; returns the process and its port. The caller stops it with _stop."""
+def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 64) -> ChildProcess:
+    """Start the zero-cost upstream; the caller stops it."""
     nginx = nginx or _tools()[1]
-    port = _free_port()
+    port = free_port()
     (workdir / "nginx-tmp").mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_config(workdir, port, max_connections))
     log = workdir / "nginx-error.log"
     # -e: nginx opens its compiled-in error log before reading the config; keep even that in workdir.
     cmd = [nginx, "-p", f"{workdir}/", "-e", str(log), "-c", str(conf), "-g", "daemon off;"]
-    proc = _spawn(cmd, workdir / "nginx-output.log")
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 10.0, "nginx", log)
-    except BaseException:
-        _stop(proc)
-        raise
-    return proc, port
+    child = ChildProcess(
+        cmd,
+        port,
+        health="/v1/models",
+        name="nginx",
+        log_path=workdir / "nginx-output.log",
+        stop_timeout=_STOP_TIMEOUT,
+    )
+    return _start(child, 10.0)
 
 
 def iros_config(port: int, upstream_port: int) -> str:
@@ -251,21 +188,17 @@ def iros_config(port: int, upstream_port: int) -> str:
     )
 
 
-def start_iros(workdir: Path, upstream_port: int, workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+def start_iros(workdir: Path, upstream_port: int, workers: int = 1) -> ChildProcess:
+    port = free_port()
     conf = workdir / "iros.yaml"
     conf.write_text(iros_config(port, upstream_port))
     cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
-    log = workdir / "iros.log"
-    proc = _spawn(cmd, log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, 20.0, "Iros (`iros serve`)", log)
-    except BaseException:
-        _stop(proc)
-        raise
-    return proc, port
+    child = ChildProcess(
+        cmd, port, name="Iros (`iros serve`)", log_path=workdir / "iros.log", stop_timeout=_STOP_TIMEOUT
+    )
+    return _start(child, 20.0)
 
 
 # ------------------------------------------------------------------------------------------------ wrk
@@ -339,11 +272,13 @@ def _run_wrk(
                 done = min(elapsed, duration)
                 phase.progress.update(phase.task, completed=done, clock=f"{done:5.1f}/{duration:g}s")
             if elapsed > whole + 15:
-                raise BenchError(f"wrk did not finish {label} in time; its output:\n{_tail(out)}")
+                raise BenchError(f"wrk did not finish {label} in time; its output:\n{tail(out)}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.1)
     finally:
-        _stop(proc)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if phase.progress is not None:
         if phase.task is not None:
             phase.progress.update(phase.task, completed=duration)
@@ -355,7 +290,7 @@ def _run_wrk(
             result: dict[str, Any] = orjson.loads(line[len(_WRK_MARK) :])
             return result
     raise BenchError(
-        f"wrk gave no result for {label} (exit status {proc.returncode}); its output:\n{_tail(out)}"
+        f"wrk gave no result for {label} (exit status {proc.returncode}); its output:\n{tail(out)}"
     )
 
 
@@ -450,8 +385,8 @@ def run_overhead(
     wrk, nginx = _tools()
 
     results: list[dict[str, Any]] = []
-    nginx_proc: subprocess.Popen[bytes] | None = None
-    iros_proc: subprocess.Popen[bytes] | None = None
+    nginx_proc: ChildProcess | None = None
+    iros_proc: ChildProcess | None = None
     bar = _progress(progress)
     with (
         _sigterm_as_interrupt(),
@@ -464,13 +399,13 @@ def run_overhead(
                 total = len(concurrency) * 2 * (duration + warmup)
                 phase.overall = bar.add_task("all runs", total=total, clock="")
                 phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
-            nginx_proc, nginx_port = start_nginx(workdir, nginx, max(concurrency))
-            iros_proc, iros_port = start_iros(workdir, nginx_port, iros_workers)
+            nginx_proc = start_nginx(workdir, nginx, max(concurrency))
+            iros_proc = start_iros(workdir, nginx_proc.port, iros_workers)
             script = workdir / "bench.lua"
             script.write_text(wrk_script())
             targets = {
-                "direct": (f"http://127.0.0.1:{nginx_port}/v1/chat/completions", "directly at nginx"),
-                "iros": (f"http://127.0.0.1:{iros_port}/v1/chat/completions", "through Iros"),
+                "direct": (f"{nginx_proc.url}/v1/chat/completions", "directly at nginx"),
+                "iros": (f"{iros_proc.url}/v1/chat/completions", "through Iros"),
             }
             for c in concurrency:
                 row: dict[str, Any] = {"concurrency": c}
@@ -486,10 +421,10 @@ def run_overhead(
                         (nginx_proc, "nginx", "nginx-error.log"),
                         (iros_proc, "Iros", "iros.log"),
                     ):
-                        if proc.poll() is not None:
+                        if not proc.running:
                             raise BenchError(
-                                f"{name} exited (status {proc.returncode}) during c={c}; "
-                                f"its output:\n{_tail(workdir / log)}"
+                                f"{name} exited (status {proc.stop()}) during c={c}; "
+                                f"its output:\n{tail(workdir / log)}"
                             )
                 direct, through = row["direct"], row["iros"]
                 row["added_ms"] = {
@@ -498,8 +433,9 @@ def run_overhead(
                 row["throughput_ratio"] = round(through["rps"] / direct["rps"], 3) if direct["rps"] else None
                 results.append(row)
         finally:
-            _stop(iros_proc)
-            _stop(nginx_proc)
+            for child in (iros_proc, nginx_proc):
+                if child is not None:
+                    child.stop()
 
     return {
         "benchmark": "overhead",

@@ -12,9 +12,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -27,6 +27,8 @@ from iros.routing import Deployment, Router
 from iros.schema import ParsedRequest, parse_request
 from iros.spans import Spans
 from iros.types import Completion
+
+T = TypeVar("T")
 
 log = logging.getLogger("iros.gateway")
 access_log = logging.getLogger("iros.access")
@@ -174,20 +176,19 @@ class Gateway:
         delay = min(retry.backoff_ms * 2 ** (attempt - len(candidates)), retry.max_backoff_ms) / 1000
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
-    async def _complete(
-        self, request: ParsedRequest, candidates: list[Deployment], record: RequestRecord, send: Send
-    ) -> bool:
+    async def _call(
+        self, candidates: list[Deployment], record: RequestRecord, call: Callable[[Deployment], Awaitable[T]]
+    ) -> tuple[Deployment, T]:
+        """Run `call` on deployments in turn until one answers; retries and failover live here only."""
         spans = record.spans
         failure: UpstreamError | None = None
-        completion: Completion | None = None
         for attempt, deployment in enumerate(self._attempts(candidates)):
             if attempt:
                 await self._backoff(attempt, candidates)
                 spans.lap("retry")
             record.attempts, record.deployment = attempt + 1, deployment.label
             try:
-                completion = await deployment.backend.complete(request.data, spans)
-                break
+                return deployment, await call(deployment)
             except UpstreamError as exc:
                 spans.lap("upstream_connect")
                 failure = exc
@@ -200,9 +201,18 @@ class Gateway:
                 )
                 if not exc.retryable:
                     break
-        if completion is None:
-            assert failure is not None
-            raise failure.to_client()
+        assert failure is not None
+        raise failure.to_client()
+
+    async def _complete(
+        self, request: ParsedRequest, candidates: list[Deployment], record: RequestRecord, send: Send
+    ) -> bool:
+        spans = record.spans
+
+        async def complete(deployment: Deployment) -> Completion:
+            return await deployment.backend.complete(request.data, spans)
+
+        deployment, completion = await self._call(candidates, record, complete)
         _note_result(record, completion.data)
         record.status = 200
         headers = self._headers(
@@ -222,37 +232,20 @@ class Gateway:
         send: Send,
     ) -> bool:
         spans = record.spans
-        failure: UpstreamError | None = None
+
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
-        for attempt, deployment in enumerate(self._attempts(candidates)):
-            if attempt:
-                await self._backoff(attempt, candidates)
-                spans.lap("retry")
-            record.attempts, record.deployment = attempt + 1, deployment.label
+        async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
             chunks = deployment.backend.stream(request.data, spans)
             try:
-                first: bytes | None = await chunks.__anext__()
+                return chunks, await anext(chunks)
             except StopAsyncIteration:
-                first = None
-            except UpstreamError as exc:
-                spans.lap("upstream_connect")
-                failure = exc
-                log.warning(
-                    "request %s: %s attempt %d failed: %s",
-                    record.request_id,
-                    deployment.label,
-                    attempt + 1,
-                    exc,
-                )
-                if not exc.retryable:
-                    break
-                continue
-            spans.lap("upstream_ttft")
-            await self._relay(chunks, first, deployment, record, receive, send)
-            return True
-        assert failure is not None
-        raise failure.to_client()
+                return chunks, None
+
+        deployment, (chunks, first) = await self._call(candidates, record, open_stream)
+        spans.lap("upstream_ttft")
+        await self._relay(chunks, first, deployment, record, receive, send)
+        return True
 
     async def _relay(
         self,

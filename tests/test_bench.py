@@ -36,13 +36,13 @@ def _closed(port: int) -> bool:
 
 @pytest.fixture
 def nginx(tmp_path: Path) -> Any:
-    proc, port = bench.start_nginx(tmp_path)
+    child = bench.start_nginx(tmp_path)
     try:
-        yield port
+        yield child.port
     finally:
-        bench._stop(proc)
-    assert proc.returncode is not None
-    assert _closed(port)
+        child.stop()
+    assert not child.running
+    assert _closed(child.port)
 
 
 def test_nginx_serves_a_valid_completion(nginx: int, tmp_path: Path) -> None:
