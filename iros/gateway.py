@@ -153,16 +153,20 @@ class Gateway:
         limit = self.max_body
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
             raise _too_large(limit)
-        body = b""
+        # One message is the common case; joining parts keeps large chunked bodies linear.
+        parts: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
-            body += message.get("body") or b""
-            if len(body) > limit:
+            part: bytes = message.get("body") or b""
+            size += len(part)
+            if size > limit:
                 raise _too_large(limit)
             if not message.get("more_body"):
-                return body
+                return b"".join(parts) + part if parts else part
+            parts.append(part)
 
     def _attempts(self, candidates: list[Deployment]) -> list[Deployment]:
         n = self.settings.retry.attempts

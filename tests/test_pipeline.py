@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from iros.admission import Admission
@@ -73,6 +75,37 @@ class TestSpans:
         resp = await _post(app, {**BODY, "model": "unknown"})
         assert resp.status_code == 404
         assert seen[-1].status == 404 and seen[-1].error == "model_not_found"
+
+    async def test_client_hangup_stops_the_upstream_stream(self) -> None:
+        """A client that hangs up mid-stream ends the upstream generation; no [DONE] is sent."""
+        settings = load_settings(
+            None, {"models": [{"name": "m", "backend": "simulated", "profile": "large"}]}
+        )
+        app = create_app(settings)
+        seen: list[RequestRecord] = []
+        app.gateway.observers.append(seen.append)
+        body = orjson.dumps({**BODY, "stream": True, "max_tokens": 400})
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        sent: list[dict[str, Any]] = []
+        gone = asyncio.Event()
+        requests = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict[str, Any]:
+            for message in requests:
+                return message
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if sum(m["type"] == "http.response.body" for m in sent) == 3:
+                gone.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        record = seen[-1]
+        assert record.client_gone and record.status == 499
+        assert record.chunks < 10
+        assert not any(b"[DONE]" in m.get("body", b"") for m in sent)
 
     def test_overhead_excludes_upstream_time(self) -> None:
         """Upstream stages are not counted as Iros's overhead."""
