@@ -84,6 +84,7 @@ def serve(
         f"  OpenAI base URL: [cyan]{base}/v1[/]   health: {base}/health   ready: {base}/ready\n"
         f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}",
         highlight=False,
+        soft_wrap=True,
     )
     uvicorn.run(
         application,
