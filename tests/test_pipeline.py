@@ -107,6 +107,14 @@ class TestSpans:
         assert record.chunks < 10
         assert not any(b"[DONE]" in m.get("body", b"") for m in sent)
 
+    async def test_in_process_hang_times_out_as_504(self) -> None:
+        """The simulated backend honours the deployment's read timeout, like a real connection."""
+        model = {"name": "m", "backend": "simulated", "profile": "hang", "timeouts": {"read_seconds": 0.05}}
+        app = create_app(load_settings(None, {"models": [model], "retry": {"attempts": 1}}))
+        resp = await _post(app, BODY)
+        assert resp.status_code == 504
+        assert resp.json()["error"]["code"] == "upstream_timeout"
+
     def test_overhead_excludes_upstream_time(self) -> None:
         """Upstream stages are not counted as Iros's overhead."""
         spans = Spans()

@@ -11,7 +11,9 @@ def build_backend(settings: ModelSettings) -> Backend:
         from iros.backends.simulated import SimulatedBackend
         from iros.simulation import PROFILES
 
-        return SimulatedBackend(PROFILES[settings.profile], settings.target_model)
+        return SimulatedBackend(
+            PROFILES[settings.profile], settings.target_model, read_timeout=settings.timeouts.read_seconds
+        )
     from iros.backends.openai import OpenAIBackend
 
     return OpenAIBackend(settings)

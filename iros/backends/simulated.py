@@ -58,10 +58,18 @@ SERVER_ERROR_BODY = error_body("the simulated model failed (a simulated fault)",
 class SimulatedBackend:
     """A Backend (iros.types) answering from iros.simulation; see PROFILES for the fault profiles."""
 
-    def __init__(self, profile: Profile, model_name: str, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        model_name: str,
+        rng: random.Random | None = None,
+        read_timeout: float = HANG_SECONDS,
+    ) -> None:
         self.profile = profile
         self.model_name = model_name
         self._rng = rng or random.Random()
+        # The deployment's read timeout, applied as a real client's socket timeout would be.
+        self.read_timeout = read_timeout
 
     def _plan(self, payload: dict[str, Any]) -> Plan:
         if payload.get("model") != self.model_name:
@@ -78,7 +86,8 @@ class SimulatedBackend:
     async def _headers(self, p: Plan, spans: Spans) -> None:
         """The moment a real server's response headers arrive: at once, or never for a hung server."""
         if p.fault == "hang":
-            await asyncio.sleep(HANG_SECONDS)
+            await asyncio.sleep(self.read_timeout)
+            raise UpstreamError(f"simulated model sent nothing in {self.read_timeout:g}s", kind="timeout")
         spans.lap("upstream_connect")
         if p.fault == "error-500":
             raise UpstreamError(
