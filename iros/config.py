@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from iros.errors import error_path
+
 DEFAULT_CONFIG = "default.yaml"
 
 
@@ -249,7 +251,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
-        loc = _dotted(err["loc"])
+        loc = error_path(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             field = str(err["loc"][-1])
@@ -260,16 +262,6 @@ def format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
     env = sorted(k for k in os.environ if k.startswith("IROS_"))
     note = f"\n(environment overrides in effect: {', '.join(env)})" if env else ""
     return "invalid configuration:\n  " + "\n  ".join(lines) + note
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        # Union branches and validators show up as locations ("str", "function-after[...]"): not fields.
-        if isinstance(part, str) and (part[:1].isupper() or part == "str" or "[" in part):
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _known_fields(loc: tuple[int | str, ...]) -> list[str]:

@@ -35,6 +35,24 @@ class IrosError(Exception):
         return orjson.dumps(self.payload())
 
 
+def error_path(loc: tuple[int | str, ...], tagged: tuple[str, ...] = ()) -> str:
+    """A pydantic error location as a path: ("messages", 0, "user", "content") -> "messages[0].content".
+
+    Union branches and validators appear in locations ("str", "KeyEntry", "function-after[...]") but are
+    not fields; neither is the discriminator tag after an item of a `tagged` list (a message's role).
+    """
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        branch = part == "str" or part[:1].isupper() or "[" in part or "(" in part
+        tag = i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] in tagged
+        if not (branch or tag):
+            out += f".{part}" if out else part
+    return out
+
+
 UpstreamKind = Literal["connect", "timeout", "status", "protocol", "truncated"]
 
 

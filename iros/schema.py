@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from iros.errors import IrosError
+from iros.errors import IrosError, error_path
 
 
 class _Loose(BaseModel):
@@ -169,25 +169,4 @@ def _invalid(exc: ValidationError) -> IrosError:
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in (
-            "system",
-            "developer",
-            "user",
-            "assistant",
-            "tool",
-            "function",
-            "str",
-            "list[TextPart]",
-            "function-after[_says_something(), AssistantMessage]",
-        ):
-            # Union and discriminator branches, not fields.
-            continue
-        elif "[" in part or "(" in part:
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out or None
+    return error_path(loc, tagged=("messages",)) or None
