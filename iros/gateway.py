@@ -87,7 +87,6 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
         record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
-        started = False
         try:
             if scope["method"] != "POST":
                 raise IrosError(
@@ -116,9 +115,9 @@ class Gateway:
             spans.lap("queue")
             try:
                 if request.stream:
-                    started = await self._stream(request, candidates, record, receive, send)
+                    await self._stream(request, candidates, record, receive, send)
                 else:
-                    started = await self._complete(request, candidates, record, send)
+                    await self._complete(request, candidates, record, send)
             finally:
                 self.admission.release()
         except IrosError as exc:
@@ -129,6 +128,8 @@ class Gateway:
         except Exception:
             # A bug, not bad input: say so once, keep serving.
             log.exception("request %s failed inside Iros", record.request_id)
+            # record.status is set when the response starts; after that only the connection can be dropped.
+            started = record.status != 0
             record.status, record.error = 500, "internal_error"
             if not started:
                 await self._send_error(
@@ -210,7 +211,7 @@ class Gateway:
 
     async def _complete(
         self, request: ParsedRequest, candidates: list[Deployment], record: RequestRecord, send: Send
-    ) -> bool:
+    ) -> None:
         spans = record.spans
 
         async def complete(deployment: Deployment) -> Completion:
@@ -225,7 +226,6 @@ class Gateway:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": completion.body})
         spans.lap("respond")
-        return True
 
     async def _stream(
         self,
@@ -234,7 +234,7 @@ class Gateway:
         record: RequestRecord,
         receive: Receive,
         send: Send,
-    ) -> bool:
+    ) -> None:
         spans = record.spans
 
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
@@ -249,7 +249,6 @@ class Gateway:
         deployment, (chunks, first) = await self._call(candidates, record, open_stream)
         spans.lap("upstream_ttft")
         await self._relay(chunks, first, deployment, record, receive, send)
-        return True
 
     async def _relay(
         self,
