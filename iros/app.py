@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from iros import __version__
@@ -24,7 +24,10 @@ from iros.admission import Admission
 from iros.auth import KeyRing, Principal, Role
 from iros.config import Settings
 from iros.errors import IrosError
+from iros.exposition import mark_worker_gone
 from iros.gateway import Gateway
+from iros.metrics_api import MetricsAPI
+from iros.monitor import Monitor
 from iros.routing import Router
 
 CHAT_PATH = "/v1/chat/completions"
@@ -33,21 +36,32 @@ CHAT_PATH = "/v1/chat/completions"
 class IrosApp:
     """The outer ASGI app: one comparison sends the hot path past all routing."""
 
-    def __init__(self, settings: Settings, gateway: Gateway, router: Router, keyring: KeyRing) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: Gateway,
+        router: Router,
+        keyring: KeyRing,
+        monitor: Monitor | None = None,
+    ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.router = router
         self.keyring = keyring
+        self.monitor = monitor
         self.started_at = time.time()
+        routes: list[BaseRoute] = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/api/system/status", self.system_status, methods=["GET"]),
+            Route("/api/config", self.config, methods=["GET"]),
+        ]
+        if monitor is not None:
+            routes += MetricsAPI(monitor, keyring).routes()
         self.routes = Starlette(
-            routes=[
-                Route("/health", self.health, methods=["GET"]),
-                Route("/ready", self.ready, methods=["GET"]),
-                Route("/v1/models", self.models, methods=["GET"]),
-                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-                Route("/api/system/status", self.system_status, methods=["GET"]),
-                Route("/api/config", self.config, methods=["GET"]),
-            ],
+            routes=routes,
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
             lifespan=self._lifespan,
         )
@@ -60,8 +74,15 @@ class IrosApp:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        yield
-        await self.router.aclose()
+        if self.monitor is not None:
+            await self.monitor.start()
+        try:
+            yield
+        finally:
+            if self.monitor is not None:
+                await self.monitor.close()
+                mark_worker_gone()
+            await self.router.aclose()
 
     def _auth(self, request: Request, need: Role = Role.CLIENT) -> Principal:
         return self.keyring.authenticate(request.headers.get("authorization"), need)
@@ -107,9 +128,14 @@ class IrosApp:
     async def system_status(self, request: Request) -> Response:
         self._auth(request)
         admission = self.gateway.admission
+        status, kpis = "unknown", None
+        if self.monitor is not None:
+            report = self.monitor.current(300.0)
+            status, kpis = report["status"], report["kpis"]
         return JSONResponse(
             {
-                "status": "ok",
+                "status": status,
+                "kpis": kpis,
                 "version": __version__,
                 "uptime_seconds": round(time.time() - self.started_at, 3),
                 "active_requests": admission.active,
@@ -164,4 +190,28 @@ def create_app(settings: Settings, router: Router | None = None) -> IrosApp:
     server = settings.server
     admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
     gateway = Gateway(settings, router, keyring, admission)
-    return IrosApp(settings, gateway, router, keyring)
+    monitor = None
+    if settings.metrics_collection.enabled:
+        monitor = Monitor(settings, admission)
+        gateway.observers.append(monitor.collector.observe)
+    return IrosApp(settings, gateway, router, keyring, monitor)
+
+
+def worker_app() -> IrosApp:
+    """The app of one worker under `iros serve --workers N` (uvicorn imports and calls this)."""
+    import logging
+    import os
+    import sys
+
+    import orjson
+
+    from iros.config import load_settings
+
+    overrides = orjson.loads(os.environ.get("IROS_WORKER_OVERRIDES", "{}"))
+    settings = load_settings(os.environ.get("IROS_CONFIG") or None, overrides)
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)-7s %(name)s[{os.getpid()}]: %(message)s",
+    )
+    return create_app(settings)

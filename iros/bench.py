@@ -179,24 +179,27 @@ def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 
     return _start(child, 10.0)
 
 
-def iros_config(port: int, upstream_port: int) -> str:
+def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = True) -> str:
     return (
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}}}\n"
         "auth: {open: true}\n"
+        f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
         "models:\n"
         f'  - {{name: {MODEL}, backend: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}\n'
     )
 
 
-def start_iros(workdir: Path, upstream_port: int, workers: int = 1) -> ChildProcess:
+def start_iros(
+    workdir: Path, upstream_port: int, workers: int = 1, metrics: bool = True, name: str = "iros"
+) -> ChildProcess:
     port = free_port()
-    conf = workdir / "iros.yaml"
-    conf.write_text(iros_config(port, upstream_port))
+    conf = workdir / f"{name}.yaml"
+    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics))
     cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
     child = ChildProcess(
-        cmd, port, name="Iros (`iros serve`)", log_path=workdir / "iros.log", stop_timeout=_STOP_TIMEOUT
+        cmd, port, name="Iros (`iros serve`)", log_path=workdir / f"{name}.log", stop_timeout=_STOP_TIMEOUT
     )
     return _start(child, 20.0)
 
@@ -374,8 +377,13 @@ def run_overhead(
     iros_workers: int = 1,
     progress: bool = True,
     keep_dir: Path | None = None,
+    metrics_baseline: bool = False,
 ) -> dict[str, Any]:
-    """Measure wrk against nginx directly and through Iros at each concurrency; returns the report."""
+    """Measure wrk against nginx directly and through Iros at each concurrency; returns the report.
+
+    With metrics_baseline, a second Iros with metrics collection off runs the same load, and each row
+    gains `metrics_cost`: what collection costs in throughput and latency, measured side by side.
+    """
     if not concurrency or any(c < 1 for c in concurrency):
         raise BenchError("give one or more concurrencies of at least 1, e.g. --concurrency 1,16,64")
     if duration <= 0 or warmup < 0:
@@ -387,6 +395,7 @@ def run_overhead(
     results: list[dict[str, Any]] = []
     nginx_proc: ChildProcess | None = None
     iros_proc: ChildProcess | None = None
+    bare_proc: ChildProcess | None = None
     bar = _progress(progress)
     with (
         _sigterm_as_interrupt(),
@@ -396,17 +405,25 @@ def run_overhead(
         try:
             phase = _Phase(bar, None, None)
             if bar is not None:
-                total = len(concurrency) * 2 * (duration + warmup)
+                total = len(concurrency) * (3 if metrics_baseline else 2) * (duration + warmup)
                 phase.overall = bar.add_task("all runs", total=total, clock="")
                 phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
             nginx_proc = start_nginx(workdir, nginx, max(concurrency))
             iros_proc = start_iros(workdir, nginx_proc.port, iros_workers)
+            procs = [(nginx_proc, "nginx", "nginx-error.log"), (iros_proc, "Iros", "iros.log")]
             script = workdir / "bench.lua"
             script.write_text(wrk_script())
             targets = {
                 "direct": (f"{nginx_proc.url}/v1/chat/completions", "directly at nginx"),
                 "iros": (f"{iros_proc.url}/v1/chat/completions", "through Iros"),
             }
+            if metrics_baseline:
+                bare_proc = start_iros(workdir, nginx_proc.port, iros_workers, metrics=False, name="bare")
+                procs.append((bare_proc, "Iros without metrics", "bare.log"))
+                targets["iros_no_metrics"] = (
+                    f"{bare_proc.url}/v1/chat/completions",
+                    "through Iros without metrics",
+                )
             for c in concurrency:
                 row: dict[str, Any] = {"concurrency": c}
                 for key, (url, where) in targets.items():
@@ -417,10 +434,7 @@ def run_overhead(
                     raw = _run_wrk(wrk, script, url, c, duration, out, phase, f"c={c} {where}")
                     row[key] = summarize(raw)
                     # A dead server shows up as connect errors; say so instead of reporting nonsense.
-                    for proc, name, log in (
-                        (nginx_proc, "nginx", "nginx-error.log"),
-                        (iros_proc, "Iros", "iros.log"),
-                    ):
+                    for proc, name, log in procs:
                         if not proc.running:
                             raise BenchError(
                                 f"{name} exited (status {proc.stop()}) during c={c}; "
@@ -431,9 +445,16 @@ def run_overhead(
                     p: round(through[f"{p}_ms"] - direct[f"{p}_ms"], 3) for p in ("p50", "p95", "p99")
                 }
                 row["throughput_ratio"] = round(through["rps"] / direct["rps"], 3) if direct["rps"] else None
+                if metrics_baseline:
+                    bare = row["iros_no_metrics"]
+                    row["metrics_cost"] = {
+                        "throughput_ratio": round(through["rps"] / bare["rps"], 3) if bare["rps"] else None,
+                        "added_p50_ms": round(through["p50_ms"] - bare["p50_ms"], 3),
+                        "added_p99_ms": round(through["p99_ms"] - bare["p99_ms"], 3),
+                    }
                 results.append(row)
         finally:
-            for child in (iros_proc, nginx_proc):
+            for child in (bare_proc, iros_proc, nginx_proc):
                 if child is not None:
                     child.stop()
 

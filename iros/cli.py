@@ -28,6 +28,8 @@ app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True)
 
+WORKER_OVERRIDES_ENV = "IROS_WORKER_OVERRIDES"
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
@@ -60,38 +62,59 @@ def serve(
     host: Annotated[str | None, typer.Option(help="bind address (overrides server.host)")] = None,
     port: Annotated[int | None, typer.Option(help="port (overrides server.port)")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=256, help="worker processes sharing the port (metrics merged)")
+    ] = 1,
 ) -> None:
     """Serve the OpenAI-compatible API (and everything else) on one port."""
     server: dict[str, Any] = {
         k: v for k, v in {"host": host, "port": port, "log_level": log_level}.items() if v
     }
-    settings = _load(config, {"server": server} if server else None)
+    overrides = {"server": server} if server else None
+    settings = _load(config, overrides)
     _setup_logging(settings.server.log_level)
 
     import uvicorn
 
     from iros.app import create_app
 
-    try:
-        application = create_app(settings)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    application: Any
+    if workers > 1:
+        # Each worker builds its own app from the same file and flags; prometheus_client keeps every
+        # worker's counters in one shared directory, emptied here so a restart starts from zero.
+        from iros.exposition import MULTIPROC_ENV, reset_multiprocess_dir
+
+        os.environ[MULTIPROC_ENV] = str(reset_multiprocess_dir(Path(settings.server.data_dir)))
+        os.environ[WORKER_OVERRIDES_ENV] = orjson.dumps(overrides or {}).decode()
+        if config is not None:
+            os.environ["IROS_CONFIG"] = str(config.resolve())
+        application = "iros.app:worker_app"
+    else:
+        try:
+            application = create_app(settings)
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
     s = settings.server
     base = f"http://{s.host}:{s.port}"
     err.print(
         f"[bold]Iros {__version__}[/] serving {len(settings.model_names())} models "
-        f"({', '.join(settings.model_names())}) on [cyan]{base}[/]\n"
+        f"({', '.join(settings.model_names())}) on [cyan]{base}[/]"
+        f"{f' with {workers} workers' if workers > 1 else ''}\n"
         f"  OpenAI base URL: [cyan]{base}/v1[/]   health: {base}/health   ready: {base}/ready\n"
+        f"  metrics: {base}/metrics   live: {base}/api/metrics/stream   data: {s.data_dir}\n"
         f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}",
         highlight=False,
         soft_wrap=True,
     )
     uvicorn.run(
         application,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=s.host,
         port=s.port,
         loop="uvloop" if _has_uvloop() else "asyncio",
         http="httptools",
+        ws="websockets-sansio",
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -162,6 +185,9 @@ def bench_overhead(
     duration: Annotated[float, typer.Option(help="seconds of measured load per concurrency and path")] = 10.0,
     warmup: Annotated[float, typer.Option(help="seconds of unmeasured load before each run")] = 2.0,
     output: Annotated[Path | None, typer.Option(help="also write the JSON to this file")] = None,
+    metrics_baseline: Annotated[
+        bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
+    ] = False,
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench import BenchError, check_tools, run_overhead
@@ -178,13 +204,59 @@ def bench_overhead(
         raise _fail("--duration must be more than 0 seconds")
     try:
         check_tools()
-        result = run_overhead(levels, duration, warmup=warmup)
+        result = run_overhead(levels, duration, warmup=warmup, metrics_baseline=metrics_baseline)
     except BenchError as exc:
         raise _fail(str(exc)) from None
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     typer.echo(text)
     if output:
         output.write_text(text + "\n")
+
+
+@bench_app.command("tsdb")
+def bench_tsdb(
+    samples: Annotated[int, typer.Option(help="samples to write, spread over the last 30 days")] = 2_000_000,
+    series: Annotated[int, typer.Option(help="series (label sets) the samples are spread over")] = 12,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="where to build the database (default: a temporary directory, removed after)"
+        ),
+    ] = None,
+) -> None:
+    """The embedded metrics store (SQLite): ingest rate, query time per dashboard range, size per sample."""
+    import sqlite3
+    import tempfile
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from iros.tsdb_bench import run_tsdb_bench
+
+    if samples < 1 or series < 1:
+        raise _fail("--samples and --series must each be 1 or more")
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("starting", total=None)
+
+    def progress(description: str, done: float, total: float) -> None:
+        bar.update(task, description=description, completed=done, total=total)
+
+    try:
+        with bar:
+            if directory is None:
+                with tempfile.TemporaryDirectory(prefix="iros-bench-tsdb-") as tmp:
+                    result = run_tsdb_bench(Path(tmp), samples=samples, series=series, progress=progress)
+            else:
+                result = run_tsdb_bench(directory, samples=samples, series=series, progress=progress)
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        raise _fail(f"bench tsdb: {exc}") from None
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 @app.command()

@@ -44,6 +44,7 @@ class ServerSettings(Strict):
     queue_timeout_seconds: float = Field(30.0, gt=0)
     shutdown_timeout_seconds: float = Field(30.0, ge=0)
     access_log: bool = False
+    data_dir: str = Field("iros-data", description="SQLite databases and other state; created if missing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -147,6 +148,56 @@ def _default_targets() -> dict[str, Target]:
     }
 
 
+class StorageSettings(Strict):
+    """Where metric history lives: the embedded SQLite store, or a Prometheus that scrapes /metrics."""
+
+    backend: Literal["sqlite", "prometheus"] = "sqlite"
+    path: str | None = Field(None, description="SQLite file; default <server.data_dir>/metrics.db")
+    endpoint: str | None = Field(None, description="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    timeout_seconds: float = Field(5.0, gt=0)
+    flush_interval_seconds: float = Field(
+        1.0, gt=0, le=60, description="at most this much is lost on a crash"
+    )
+    raw_retention_hours: float = Field(
+        48.0, gt=0, description="raw samples are kept this long; rollups for retention_days"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_for_prometheus(self) -> StorageSettings:
+        if self.backend == "prometheus":
+            if not self.endpoint:
+                raise ValueError("storage.backend prometheus needs storage.endpoint (http://host:9090)")
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"storage.endpoint must be an http(s) URL, not {self.endpoint!r}")
+        return self
+
+
+class CustomMetrics(Strict):
+    business_metrics: bool = True
+    user_journey_metrics: bool = True
+    model_performance_metrics: bool = True
+
+
+Interval = Literal["1m", "5m", "1h", "1d"]
+ROLLUPS: tuple[Interval, ...] = ("1m", "5m", "1h", "1d")
+
+
+class MetricsSettings(Strict):
+    """The seed's metrics_collection block."""
+
+    enabled: bool = True
+    collection_interval_seconds: float = Field(10.0, gt=0, le=3600)
+    retention_days: float = Field(30.0, gt=0)
+    aggregation_intervals: list[Interval] = Field(default_factory=lambda: list(ROLLUPS))
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    custom_metrics: CustomMetrics = Field(default_factory=CustomMetrics)
+    live_interval_seconds: float = Field(1.0, gt=0, le=60, description="how often /ws/metrics and SSE send")
+    stall_threshold_ms: float = Field(1000.0, gt=0, description="a pause between chunks this long is a stall")
+    relevance_sample_rate: float = Field(
+        0.1, ge=0, le=1, description="share of responses scored for question-answer relevance"
+    )
+
+
 class Open(BaseModel):
     # Blocks whose schema later capabilities own; kept as given until then.
     model_config = ConfigDict(extra="allow")
@@ -165,7 +216,7 @@ class Settings(BaseSettings):
     models: list[ModelSettings] = Field(min_length=1)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     performance_targets: dict[str, Target] = Field(default_factory=_default_targets)
-    metrics: Open = Field(default_factory=Open)
+    metrics_collection: MetricsSettings = Field(default_factory=MetricsSettings)
     cache: Open = Field(default_factory=Open)
     alerting: Open = Field(default_factory=Open)
     optimization: Open = Field(default_factory=Open)

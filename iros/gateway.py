@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import Any, TypeVar
 
 import orjson
@@ -61,6 +62,19 @@ class RequestRecord:
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     client_gone: bool = False
+    body_bytes: int = 0
+    # Streams: perf_counter_ns of the first and last chunk sent, the longest pause between two, and
+    # how many pauses exceeded the stall threshold.
+    first_chunk_ns: int = 0
+    last_chunk_ns: int = 0
+    max_gap_ns: int = 0
+    stalls: int = 0
+    # Kept for a sample of requests only (metrics_collection.relevance_sample_rate): the request and
+    # the answer, for the question-answer relevance score computed off the request path.
+    sampled: bool = False
+    payload: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
+    chunk_log: list[bytes] | None = None
 
 
 Observer = Callable[[RequestRecord], None]
@@ -78,6 +92,9 @@ class Gateway:
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
         self.observers: list[Observer] = []
+        metrics = settings.metrics_collection
+        self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
+        self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
         # Request ids: a random per-process prefix and a counter; unique across workers, cheaper than uuid4.
         self._id_prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
@@ -106,6 +123,10 @@ class Gateway:
             spans.lap("auth")
             request = parse_request(await self._read_body(receive, content_length))
             record.model, record.stream = request.model, request.stream
+            if self.sample_rate and random.random() < self.sample_rate:
+                record.sampled, record.payload = True, request.data
+                if request.stream:
+                    record.chunk_log = []
             spans.lap("parse")
             # No response cache is configured yet: every request bypasses it.
             spans.lap("cache")
@@ -220,6 +241,9 @@ class Gateway:
         deployment, completion = await self._call(candidates, record, complete)
         _note_result(record, completion.data)
         record.status = 200
+        record.body_bytes = len(completion.body)
+        if record.sampled:
+            record.answer = completion.data
         headers = self._headers(
             record, deployment.name, [_JSON, (b"content-length", b"%d" % len(completion.body))]
         )
@@ -288,16 +312,39 @@ class Gateway:
             if first is not None:
                 record.chunks = 1
                 _note_chunk(record, first)
+                log_chunks = record.chunk_log
+                if log_chunks is not None:
+                    log_chunks.append(first)
+                stall_ns, max_gap, stalls, size = self.stall_ns, 0, 0, len(first)
                 await send(
                     {"type": "http.response.body", "body": b"data: " + first + b"\n\n", "more_body": True}
                 )
-                async for data in chunks:
-                    record.chunks += 1
-                    if b'"finish_reason":"' in data or b'"usage":{' in data:
-                        _note_chunk(record, data)
-                    await send(
-                        {"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True}
-                    )
+                last = record.first_chunk_ns = perf_counter_ns()
+                try:
+                    async for data in chunks:
+                        now = perf_counter_ns()
+                        # Continuity: the longest wait between chunks and the waits long enough to be felt.
+                        if now - last > max_gap:
+                            max_gap = now - last
+                        if now - last > stall_ns:
+                            stalls += 1
+                        record.chunks += 1
+                        size += len(data)
+                        if log_chunks is not None:
+                            log_chunks.append(data)
+                        if b'"finish_reason":"' in data or b'"usage":{' in data:
+                            _note_chunk(record, data)
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": b"data: " + data + b"\n\n",
+                                "more_body": True,
+                            }
+                        )
+                        last = now
+                finally:
+                    record.last_chunk_ns, record.max_gap_ns, record.stalls = last, max_gap, stalls
+                    record.body_bytes = size
             spans.lap("stream")
             state["finished"] = True
             await send({"type": "http.response.body", "body": _DONE})

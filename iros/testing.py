@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,18 @@ __all__ = ["IrosProcess", "ProcessFailed", "free_port"]
 
 class IrosProcess(ChildProcess):
     @classmethod
-    def serve(cls, config: Path | dict[str, Any], port: int | None = None, **kw: Any) -> IrosProcess:
+    def serve(
+        cls, config: Path | dict[str, Any], port: int | None = None, extra: Sequence[str] = (), **kw: Any
+    ) -> IrosProcess:
         port = port or free_port()
         if isinstance(config, dict):
+            # Each test server keeps its state (metrics history, ...) in a directory of its own.
+            server = {"data_dir": tempfile.mkdtemp(prefix="iros-data-"), **config.get("server", {})}
+            config = {**config, "server": server}
             path = Path(tempfile.mkstemp(prefix="iros-", suffix=".yaml")[1])
             path.write_text(yaml.safe_dump(config))
             config = path
-        args = [sys.executable, "-m", "iros", "serve", "--config", str(config), "--port", str(port)]
+        args = [sys.executable, "-m", "iros", "serve", "--config", str(config), "--port", str(port), *extra]
         return cls(args, port, name="iros serve", **kw)
 
     @classmethod

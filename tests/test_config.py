@@ -66,16 +66,40 @@ class TestLoading:
         assert settings.retry.attempts == 5
 
     def test_later_blocks_are_accepted(self, tmp_path: Path) -> None:
-        """The metrics, cache, alerting and optimization blocks are carried for the parts that read them."""
-        text = ISSUE_EXAMPLE + "metrics: {collection_interval_seconds: 10}\ncache: {enabled: true}\n"
-        settings = load_settings(_write(tmp_path, text))
-        assert settings.metrics.model_dump()["collection_interval_seconds"] == 10
+        """The cache, alerting and optimization blocks are carried for the parts that read them."""
+        settings = load_settings(_write(tmp_path, ISSUE_EXAMPLE + "cache: {enabled: true}\n"))
+        assert settings.cache.model_dump()["enabled"] is True
+
+    def test_the_seeds_metrics_collection_block_loads_as_written(self, tmp_path: Path) -> None:
+        seed = """
+metrics_collection:
+  enabled: true
+  collection_interval_seconds: 10
+  retention_days: 30
+  aggregation_intervals: ["1m", "5m", "1h", "1d"]
+  storage: {backend: prometheus, endpoint: "http://prometheus:9090"}
+  custom_metrics: {business_metrics: true, user_journey_metrics: true, model_performance_metrics: true}
+"""
+        metrics = load_settings(_write(tmp_path, ISSUE_EXAMPLE + seed)).metrics_collection
+        assert (
+            metrics.storage.backend == "prometheus" and metrics.storage.endpoint == "http://prometheus:9090"
+        )
+        assert metrics.aggregation_intervals == ["1m", "5m", "1h", "1d"]
+        assert metrics.custom_metrics.user_journey_metrics is True
 
 
 class TestErrors:
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
+            (
+                ISSUE_EXAMPLE + "metrics_collection: {storage: {backend: prometheus}}\n",
+                "metrics_collection.storage: storage.backend prometheus needs storage.endpoint",
+            ),
+            (
+                ISSUE_EXAMPLE + "metrics_collection: {aggregation_intervals: [2m]}\n",
+                "metrics_collection.aggregation_intervals[0]: Input should be '1m', '5m', '1h' or '1d'",
+            ),
             (
                 ISSUE_EXAMPLE.replace("port: 8080", "prot: 8080"),
                 "server.prot: unknown field (did you mean 'port'?)",

@@ -1,0 +1,467 @@
+"""The metrics collector: request records in, samples out to Prometheus, the store and the live window.
+
+The gateway's observer only appends the finished RequestRecord to a bounded deque. Everything else
+happens once a tick (live_interval_seconds), off the request path: records become ResponseMetrics,
+samples per series, histogram observations, one Sketch per series for the live window, and a batch
+for the time-series store. System metrics are sampled every collection_interval_seconds.
+
+collector = Collector(settings, models, store, exposition, sampler)
+gateway.observers.append(collector.observe)
+await collector.start(); ...; await collector.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from iros.catalog import METRICS, OTHER, Group
+from iros.config import MetricsSettings
+from iros.exposition import Exposition, observe_many
+from iros.gateway import RequestRecord
+from iros.sampler import SystemMetrics, SystemSampler
+from iros.sketch import Sketch
+from iros.types import MetricsStore, Samples, SeriesKey
+
+log = logging.getLogger("iros.metrics")
+
+MAX_PENDING = 200_000  # records waiting for a tick; beyond it the oldest are dropped and counted
+LIVE_WINDOW_SECONDS = 300  # how far back /api/metrics/current can look without the store
+RECENT_IDS = 100_000  # request ids remembered for feedback
+
+
+@dataclass(slots=True)
+class ResponseMetrics:
+    """The seed's ResponseMetrics for one response (plus the fields the KPIs need)."""
+
+    request_id: str
+    timestamp: float
+    response_time: float  # ms, request received to last byte
+    cpu_usage: float  # % of this response's time that Iros spent on CPU (the tick's CPU per response)
+    memory_usage: int  # Iros resident bytes at the latest system sample
+    gpu_usage: float | None
+    cache_hit: bool
+    model_used: str
+    content_length: int
+    optimization_applied: list[str]
+    user_satisfaction: float | None = None
+    status: int = 0
+    outcome: str = "ok"
+    cache: str = "bypass"
+    stream: bool = False
+    overhead_ms: float = 0.0
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    max_gap_ms: float | None = None
+    stalls: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    principal: str = "-"
+    relevance: float | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class Frame:
+    """One tick's samples, kept in memory for the live window: a Sketch per series."""
+
+    at: float
+    series: dict[SeriesKey, Sketch]
+
+
+_FIELDS = {
+    "overhead_ms": "overhead_ms",
+    "cpu_usage_percent": "cpu_usage",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+    "content_length_bytes": "content_length",
+    "ttft_ms": "ttft_ms",
+    "stream_max_gap_ms": "max_gap_ms",
+    "stream_stalls": "stalls",
+    "relevance": "relevance",
+    "tpot_ms": "tpot_ms",
+}
+
+
+def outcome_of(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 499:
+        return "cancelled"
+    if status == 429 or status >= 500:
+        return "server_error"
+    return "client_error"
+
+
+class Collector:
+    def __init__(
+        self,
+        settings: MetricsSettings,
+        models: Iterable[str],
+        store: MetricsStore,
+        exposition: Exposition,
+        sampler: SystemSampler,
+        load: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.settings = settings
+        self.models = frozenset(models)
+        self.store = store
+        self.exposition = exposition
+        self.sampler = sampler
+        self.load = load
+        self.groups = self.groups_for(settings)
+        self.per_model = settings.custom_metrics.model_performance_metrics
+        # Per-model series of answered responses and the ResponseMetrics field each reads.
+        self._fields = [(name, attr) for name, attr in _FIELDS.items() if METRICS[name].group in self.groups]
+        self._pending: deque[RequestRecord] = deque(maxlen=MAX_PENDING)
+        self._batch: dict[SeriesKey, Samples] = {}
+        self.frames: deque[Frame] = deque()
+        self.recent: deque[ResponseMetrics] = deque(maxlen=1000)
+        self._ids: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._feedback_seen: set[str] = set()
+        self.dropped = 0
+        self.responses = 0
+        self.started_at = time.time()
+        self._cpu_at = time.thread_time()
+        self._loop_lag = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    @staticmethod
+    def groups_for(settings: MetricsSettings) -> set[Group]:
+        """The catalog groups the seed's custom_metrics flags switch on."""
+        flags = settings.custom_metrics
+        groups: set[Group] = {"core", "system"}
+        if flags.business_metrics:
+            groups.add("business")
+        if flags.user_journey_metrics:
+            groups.add("user_journey")
+        if flags.model_performance_metrics:
+            groups.add("model_performance")
+        return groups
+
+    # The request path: one append.
+    def observe(self, record: RequestRecord) -> None:
+        pending = self._pending
+        if len(pending) == MAX_PENDING:
+            self.dropped += 1
+        pending.append(record)
+
+    def on_tick(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every tick (the live hub publishes then)."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._every(self.settings.live_interval_seconds, self.tick)),
+            asyncio.create_task(self._every(self.settings.collection_interval_seconds, self.sample_system)),
+            asyncio.create_task(self._watch_loop_lag()),
+        ]
+        await self.sample_system()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.tick()
+        self.sampler.close()
+
+    async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("metrics job %s failed", getattr(job, "__name__", job))
+
+    async def _watch_loop_lag(self) -> None:
+        # A timer that fires late measures how saturated the event loop is.
+        interval = 0.1
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(interval)
+            self._loop_lag = max(self._loop_lag, time.perf_counter() - before - interval)
+
+    # --- the tick -------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        records = self._pending
+        self._pending = deque(maxlen=MAX_PENDING)
+        now = time.time()
+        # CPU of the event loop's thread (the gateway's work, not the store's writer thread) since the
+        # last tick, shared among the responses that ended by the Iros time each spent, and never more
+        # than that time: an idle second's timers are not charged to the one request in it.
+        cpu = time.thread_time()
+        spent_ms = (cpu - self._cpu_at) * 1000
+        self._cpu_at = cpu
+        if self.dropped:
+            self.exposition.dropped.inc(self.dropped)
+            self.dropped = 0
+        if records:
+            overheads = [r.spans.overhead_ns() / 1e6 for r in records]
+            per_ms = spent_ms / (sum(overheads) or 1.0)
+            self._add_responses(
+                [
+                    self._response_metrics(r, min(per_ms * o, o), o)
+                    for r, o in zip(records, overheads, strict=True)
+                ]
+            )
+        self.responses += len(records)
+        batch, self._batch = self._batch, {}
+        if batch:
+            self.frames.append(Frame(now, {key: Sketch.of(s.values) for key, s in batch.items()}))
+            self.store.append(batch)
+        while self.frames and self.frames[0].at < now - LIVE_WINDOW_SECONDS:
+            self.frames.popleft()
+        for listener in self._listeners:
+            listener()
+
+    def _model_label(self, record: RequestRecord) -> str:
+        if not self.per_model:
+            return "all"
+        if record.deployment:
+            return record.deployment.rsplit("#", 1)[0]
+        return record.model if record.model in self.models else OTHER
+
+    def _response_metrics(self, record: RequestRecord, cpu_ms: float, overhead_ms: float) -> ResponseMetrics:
+        spans = record.spans
+        total_ms = spans.total_ns / 1e6
+        system = self.sampler.latest
+        optimizations = []
+        if record.cache.endswith("hit"):
+            optimizations.append(f"cache_{record.cache}")
+        if record.attempts > 1:
+            optimizations.append("failover" if "retry" not in spans.durations else "retry")
+        if record.stream:
+            optimizations.append("streaming")
+        metrics = ResponseMetrics(
+            request_id=record.request_id,
+            timestamp=record.started_at + total_ms / 1000,
+            response_time=total_ms,
+            cpu_usage=100.0 * cpu_ms / total_ms if total_ms > 0 else 0.0,
+            memory_usage=system.process_memory_bytes if system else 0,
+            gpu_usage=system.gpu_utilization if system else None,
+            cache_hit=record.cache.endswith("hit"),
+            model_used=self._model_label(record),
+            content_length=record.body_bytes,
+            optimization_applied=optimizations,
+            status=record.status,
+            outcome=outcome_of(record.status),
+            cache=record.cache,
+            stream=record.stream,
+            overhead_ms=overhead_ms,
+            prompt_tokens=record.usage.get("prompt_tokens", 0),
+            completion_tokens=record.usage.get("completion_tokens", 0),
+            principal=record.principal,
+        )
+        if record.first_chunk_ns:
+            metrics.ttft_ms = (record.first_chunk_ns - spans.start) / 1e6
+            metrics.max_gap_ms = record.max_gap_ns / 1e6
+            metrics.stalls = record.stalls
+            tokens = metrics.completion_tokens or record.chunks
+            if tokens > 1:
+                metrics.tpot_ms = (record.last_chunk_ns - record.first_chunk_ns) / 1e6 / (tokens - 1)
+        if record.sampled and metrics.outcome == "ok":
+            metrics.relevance = relevance(record)
+        return metrics
+
+    def _add(self, name: str, labels: tuple[tuple[str, str], ...], ts: float, value: float) -> None:
+        self._extend(name, labels, [ts], [value], tuple(v for _, v in labels))
+
+    def _extend(
+        self,
+        name: str,
+        labels: tuple[tuple[str, str], ...],
+        ts: list[float],
+        values: list[float],
+        prom_labels: tuple[str, ...],
+    ) -> None:
+        key = (name, labels)
+        samples = self._batch.get(key)
+        if samples is None:
+            samples = self._batch[key] = Samples([], [])
+        samples.ts.extend(ts)
+        samples.values.extend(values)
+        histogram = self.exposition.histograms.get(name)
+        if histogram is not None:
+            scaled = np.asarray(values, dtype=np.float64) / METRICS[name].scale
+            observe_many(self.exposition.child(histogram, prom_labels), scaled)
+
+    def _add_responses(self, rows: list[ResponseMetrics]) -> None:
+        """Columns, not rows: one histogram update and one list extend per series per tick."""
+        expo = self.exposition
+        groups: dict[tuple[str, str, str], list[ResponseMetrics]] = {}
+        codes: Counter[tuple[str, str, str]] = Counter()
+        for m in rows:
+            self._remember(m.request_id, m.model_used, m.timestamp)
+            codes[(m.model_used, _code(m.status), m.cache)] += 1
+            groups.setdefault((m.model_used, m.cache, m.outcome), []).append(m)
+        self.recent.extend(rows)
+        for labels, n in codes.items():
+            expo.child(expo.requests, labels).inc(n)  # type: ignore[attr-defined]
+        answered: dict[str, list[ResponseMetrics]] = {}
+        for (model, cache, outcome), group in groups.items():
+            if cache.endswith("hit"):
+                kind = cache.removesuffix("hit").rstrip("_") or "exact"
+                expo.child(expo.cache_hits, (model, kind)).inc(len(group))  # type: ignore[attr-defined]
+            elif cache == "miss":
+                expo.child(expo.cache_misses, (model,)).inc(len(group))  # type: ignore[attr-defined]
+            if outcome == "cancelled":
+                continue  # the client left: neither a response time nor an error of ours
+            self._extend(
+                "response_time_ms",
+                (("cache", cache), ("model", model), ("outcome", outcome)),
+                [m.timestamp for m in group],
+                [m.response_time for m in group],
+                (model, cache, outcome),
+            )
+            if outcome == "ok":
+                answered.setdefault(model, []).extend(group)
+        for model, group in answered.items():
+            by_model = (("model", model),)
+            for name, attr in self._fields:
+                pairs = [(m.timestamp, v) for m in group if (v := getattr(m, attr)) is not None]
+                if pairs:
+                    self._extend(name, by_model, [p[0] for p in pairs], [p[1] for p in pairs], (model,))
+            if "business" in self.groups:
+                for kind, attr in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+                    tokens = sum(getattr(m, attr) for m in group)
+                    if tokens:
+                        expo.child(expo.tokens, (model, kind)).inc(tokens)  # type: ignore[attr-defined]
+
+    def _remember(self, request_id: str, model: str, ts: float) -> None:
+        ids = self._ids
+        ids[request_id] = (model, ts)
+        if len(ids) > RECENT_IDS:
+            old, _ = ids.popitem(last=False)
+            self._feedback_seen.discard(old)
+
+    # --- feedback -------------------------------------------------------------------------------
+    def feedback(self, request_id: str, score: float) -> str:
+        """Record a user's score for a response; returns the model that answered it.
+
+        Raises KeyError for a request id this process has not seen (or no longer remembers) and
+        ValueError for a second score on the same response.
+        """
+        if "user_journey" not in self.groups:
+            raise PermissionError("user journey metrics are off (metrics_collection.custom_metrics)")
+        model, _ = self._ids[request_id]
+        if request_id in self._feedback_seen:
+            raise ValueError(f"request {request_id} already has feedback")
+        self._feedback_seen.add(request_id)
+        for m in self.recent:
+            if m.request_id == request_id:
+                m.user_satisfaction = score
+        self._add("user_satisfaction", (("model", model),), time.time(), score)
+        self.exposition.child(self.exposition.feedback, (model,)).inc()  # type: ignore[attr-defined]
+        return model
+
+    # --- system ---------------------------------------------------------------------------------
+    async def sample_system(self) -> SystemMetrics:
+        sample = await asyncio.to_thread(self.sampler.sample)
+        lag, self._loop_lag = self._loop_lag, 0.0
+        ts = sample.timestamp.timestamp()
+        values: dict[str, float] = {
+            "cpu_percent": sample.cpu_utilization,
+            "memory_percent": sample.memory_utilization,
+            "process_cpu_percent": sample.process_cpu_percent,
+            "process_memory_bytes": float(sample.process_memory_bytes),
+            "disk_usage_percent": sample.disk_usage,
+            "network_rx_bytes_per_second": sample.network_io["rx_bytes_per_second"],
+            "network_tx_bytes_per_second": sample.network_io["tx_bytes_per_second"],
+            "active_connections": float(sample.active_connections),
+            "queue_length": float(sample.queue_length),
+            "event_loop_lag_ms": lag * 1000,
+        }
+        gauges = self.exposition.gauges
+        for name, value in values.items():
+            self._add(name, (), ts, value)
+            gauges[name].set(value / METRICS[name].scale)
+        for gpu in sample.gpus:
+            label = (("gpu", str(gpu.index)),)
+            for name, value in (
+                ("gpu_utilization_percent", gpu.utilization_percent),
+                ("gpu_memory_percent", gpu.memory_percent),
+            ):
+                self._add(name, label, ts, value)
+                gauges[name].labels(str(gpu.index)).set(value)
+        return sample
+
+    def refresh_load(self) -> None:
+        """In-flight and queued requests change every instant: /metrics reads them when scraped."""
+        active, queued = self.load()
+        self.exposition.gauges["active_connections"].set(active)
+        self.exposition.gauges["queue_length"].set(queued)
+
+
+def _code(status: int) -> str:
+    # Bounded: the statuses Iros sends, anything else by class.
+    return str(status) if status in _KNOWN_CODES else f"{status // 100}xx"
+
+
+_KNOWN_CODES = frozenset(
+    {200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504}
+)
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP_WORDS = (
+    "a an and are as at be by can could do does for from had has have how i in is it its me my of on or "
+    "should so than that the their them then there these they this to was we were what when where which "
+    "who why will with would you your"
+)
+_STOP = frozenset(_STOP_WORDS.split())
+
+
+def relevance(record: RequestRecord) -> float | None:
+    """Question-answer relevance: the share of the question's content words the answer takes up.
+
+    A lexical measure, cheap enough to run on a sample of responses off the request path.
+    """
+    question = _last_user_text(record.payload)
+    answer = _answer_text(record)
+    if not question or answer is None:
+        return None
+    asked = {w for w in _WORD.findall(question.lower()) if w not in _STOP}
+    if not asked:
+        return None
+    said = set(_WORD.findall(answer.lower()))
+    return len(asked & said) / len(asked)
+
+
+def _last_user_text(payload: dict[str, Any] | None) -> str | None:
+    for message in reversed((payload or {}).get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return None
+
+
+def _answer_text(record: RequestRecord) -> str | None:
+    try:
+        if record.answer is not None:
+            return str(record.answer["choices"][0]["message"].get("content") or "")
+        if record.chunk_log is not None:
+            parts = []
+            for raw in record.chunk_log:
+                choices = orjson.loads(raw).get("choices") or []
+                if choices:
+                    parts.append((choices[0].get("delta") or {}).get("content") or "")
+            return "".join(parts)
+    except (KeyError, IndexError, TypeError, AttributeError, orjson.JSONDecodeError):
+        return None
+    return None
