@@ -1,7 +1,7 @@
 """The metrics collector: request records in, samples out to Prometheus, the store and the live window.
 
 The gateway's observer only appends the finished RequestRecord to a bounded deque. Everything else
-happens once a tick (live_interval_seconds), off the request path: records become ResponseMetrics,
+happens off the request path, every INGEST_SECONDS, in slices: records become ResponseMetrics,
 samples per series, histogram observations, one Sketch per series for the live window, and a batch
 for the time-series store. System metrics are sampled every collection_interval_seconds.
 
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from iros.catalog import METRICS, OTHER, Group
@@ -35,9 +37,14 @@ from iros.types import MetricsStore, Samples, SeriesKey
 
 log = logging.getLogger("iros.metrics")
 
-MAX_PENDING = 200_000  # records waiting for a tick; beyond it the oldest are dropped and counted
+MAX_PENDING = 200_000  # records waiting to be taken in; beyond it the oldest are dropped and counted
 LIVE_WINDOW_SECONDS = 300  # how far back /api/metrics/current can look without the store
 RECENT_IDS = 100_000  # request ids remembered for feedback
+RECENT_PER_TICK = 100  # ResponseMetrics kept per slice, for /api/metrics/current
+INGEST_SECONDS = 0.2  # how often pending records are taken in
+INGEST_SLICE = 250  # records taken in between two yields to the event loop
+
+Floats = npt.NDArray[np.float64]
 
 
 @dataclass(slots=True)
@@ -47,13 +54,13 @@ class ResponseMetrics:
     request_id: str
     timestamp: float
     response_time: float  # ms, request received to last byte
-    cpu_usage: float  # % of this response's time that Iros spent on CPU (the tick's CPU per response)
+    cpu_usage: float  # % of this response's time that Iros spent on CPU (see Collector.ingest)
     memory_usage: int  # Iros resident bytes at the latest system sample
     gpu_usage: float | None
     cache_hit: bool
     model_used: str
     content_length: int
-    optimization_applied: list[str]
+    optimization_applied: tuple[str, ...]
     user_satisfaction: float | None = None
     status: int = 0
     outcome: str = "ok"
@@ -72,24 +79,24 @@ class ResponseMetrics:
 
 @dataclass(slots=True)
 class Frame:
-    """One tick's samples, kept in memory for the live window: a Sketch per series."""
+    """One second's samples, kept in memory for the live window: a Sketch per series."""
 
     at: float
     series: dict[SeriesKey, Sketch]
 
 
-_FIELDS = {
-    "overhead_ms": "overhead_ms",
-    "cpu_usage_percent": "cpu_usage",
-    "prompt_tokens": "prompt_tokens",
-    "completion_tokens": "completion_tokens",
-    "content_length_bytes": "content_length",
-    "ttft_ms": "ttft_ms",
-    "stream_max_gap_ms": "max_gap_ms",
-    "stream_stalls": "stalls",
-    "relevance": "relevance",
-    "tpot_ms": "tpot_ms",
-}
+_PER_MODEL = (
+    "overhead_ms",
+    "cpu_usage_percent",
+    "prompt_tokens",
+    "completion_tokens",
+    "content_length_bytes",
+    "ttft_ms",
+    "stream_max_gap_ms",
+    "stream_stalls",
+    "relevance",
+    "tpot_ms",
+)
 
 
 def outcome_of(status: int) -> str:
@@ -120,13 +127,14 @@ class Collector:
         self.load = load
         self.groups = self.groups_for(settings)
         self.per_model = settings.custom_metrics.model_performance_metrics
-        # Per-model series of answered responses and the ResponseMetrics field each reads.
-        self._fields = [(name, attr) for name, attr in _FIELDS.items() if METRICS[name].group in self.groups]
+        # Per-model series of answered responses that the enabled groups record.
+        self._series = [name for name in _PER_MODEL if METRICS[name].group in self.groups]
         self._pending: deque[RequestRecord] = deque(maxlen=MAX_PENDING)
         self._batch: dict[SeriesKey, Samples] = {}
         self.frames: deque[Frame] = deque()
         self.recent: deque[ResponseMetrics] = deque(maxlen=1000)
-        self._ids: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._ids: dict[str, str] = {}  # request id -> the model that answered, oldest first
+        self._model_of: dict[str, str] = {}
         self._feedback_seen: set[str] = set()
         self.dropped = 0
         self.responses = 0
@@ -157,12 +165,13 @@ class Collector:
         pending.append(record)
 
     def on_tick(self, listener: Callable[[], None]) -> None:
-        """Call `listener` after every tick (the live hub publishes then)."""
+        """Call `listener` every live_interval_seconds (the live hub publishes then)."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._every(self.settings.live_interval_seconds, self.tick)),
+            asyncio.create_task(self._every(INGEST_SECONDS, self.ingest)),
+            asyncio.create_task(self._every(self.settings.live_interval_seconds, self.publish)),
             asyncio.create_task(self._every(self.settings.collection_interval_seconds, self.sample_system)),
             asyncio.create_task(self._watch_loop_lag()),
         ]
@@ -197,12 +206,21 @@ class Collector:
 
     # --- the tick -------------------------------------------------------------------------------
     async def tick(self) -> None:
+        """Take in what is pending, then tell the listeners (tests and shutdown call this directly)."""
+        await self.ingest()
+        self.publish()
+
+    def publish(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    async def ingest(self) -> None:
         records = self._pending
         self._pending = deque(maxlen=MAX_PENDING)
         now = time.time()
         # CPU of the event loop's thread (the gateway's work, not the store's writer thread) since the
-        # last tick, shared among the responses that ended by the Iros time each spent, and never more
-        # than that time: an idle second's timers are not charged to the one request in it.
+        # last ingest, shared among the responses that ended by the Iros time each spent, and never
+        # more than that time: an idle second's timers are not charged to the one request in it.
         cpu = time.thread_time()
         spent_ms = (cpu - self._cpu_at) * 1000
         self._cpu_at = cpu
@@ -210,60 +228,68 @@ class Collector:
             self.exposition.dropped.inc(self.dropped)
             self.dropped = 0
         if records:
-            overheads = [r.spans.overhead_ns() / 1e6 for r in records]
-            per_ms = spent_ms / (sum(overheads) or 1.0)
-            self._add_responses(
-                [
-                    self._response_metrics(r, min(per_ms * o, o), o)
-                    for r, o in zip(records, overheads, strict=True)
-                ]
-            )
+            rows = list(records)
+            total_overhead = sum(r.spans.overhead_ns() for r in rows) / 1e6 or 1.0
+            # Often and in slices, yielding between them: a busy second's records in one go would hold
+            # the event loop for milliseconds that every request in flight would wait out.
+            for i in range(0, len(rows), INGEST_SLICE):
+                if i:
+                    await asyncio.sleep(0)
+                self._ingest(rows[i : i + INGEST_SLICE], spent_ms / total_overhead)
         self.responses += len(records)
         batch, self._batch = self._batch, {}
         if batch:
-            self.frames.append(Frame(now, {key: Sketch.of(s.values) for key, s in batch.items()}))
+            sketches = {key: Sketch.of(s.values) for key, s in batch.items()}
+            last = self.frames[-1] if self.frames else None
+            if last is not None and int(last.at) == int(now):
+                for key, sketch in sketches.items():
+                    last.series.setdefault(key, Sketch()).merge(sketch)
+            else:
+                self.frames.append(Frame(now, sketches))
             self.store.append(batch)
         while self.frames and self.frames[0].at < now - LIVE_WINDOW_SECONDS:
             self.frames.popleft()
-        for listener in self._listeners:
-            listener()
 
     def _model_label(self, record: RequestRecord) -> str:
         if not self.per_model:
             return "all"
         if record.deployment:
-            return record.deployment.rsplit("#", 1)[0]
+            model = self._model_of.get(record.deployment)
+            if model is None:
+                model = self._model_of[record.deployment] = record.deployment.rsplit("#", 1)[0]
+            return model
         return record.model if record.model in self.models else OTHER
 
-    def _response_metrics(self, record: RequestRecord, cpu_ms: float, overhead_ms: float) -> ResponseMetrics:
+    def _response_metrics(
+        self, record: RequestRecord, cpu_ms: float, overhead_ms: float, system: SystemMetrics | None
+    ) -> ResponseMetrics:
         spans = record.spans
         total_ms = spans.total_ns / 1e6
-        system = self.sampler.latest
-        optimizations = []
-        if record.cache.endswith("hit"):
-            optimizations.append(f"cache_{record.cache}")
-        if record.attempts > 1:
-            optimizations.append("failover" if "retry" not in spans.durations else "retry")
-        if record.stream:
-            optimizations.append("streaming")
+        cache = record.cache
+        hit = cache.endswith("hit")
+        optimizations: tuple[str, ...] = ()
+        if hit or record.attempts > 1 or record.stream:
+            optimizations = _optimizations(record)
+        usage = record.usage
         metrics = ResponseMetrics(
-            request_id=record.request_id,
-            timestamp=record.started_at + total_ms / 1000,
-            response_time=total_ms,
-            cpu_usage=100.0 * cpu_ms / total_ms if total_ms > 0 else 0.0,
-            memory_usage=system.process_memory_bytes if system else 0,
-            gpu_usage=system.gpu_utilization if system else None,
-            cache_hit=record.cache.endswith("hit"),
-            model_used=self._model_label(record),
-            content_length=record.body_bytes,
-            optimization_applied=optimizations,
-            status=record.status,
-            outcome=outcome_of(record.status),
-            cache=record.cache,
-            stream=record.stream,
-            overhead_ms=overhead_ms,
-            prompt_tokens=record.usage.get("prompt_tokens", 0),
-            completion_tokens=record.usage.get("completion_tokens", 0),
+            record.request_id,
+            record.started_at + total_ms / 1000,
+            total_ms,
+            100.0 * cpu_ms / total_ms if total_ms > 0 else 0.0,
+            system.process_memory_bytes if system else 0,
+            system.gpu_utilization if system else None,
+            hit,
+            self._model_label(record),
+            record.body_bytes,
+            optimizations,
+            None,
+            record.status,
+            _OUTCOMES.get(record.status) or outcome_of(record.status),
+            cache,
+            record.stream,
+            overhead_ms,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
             principal=record.principal,
         )
         if record.first_chunk_ns:
@@ -278,75 +304,128 @@ class Collector:
         return metrics
 
     def _add(self, name: str, labels: tuple[tuple[str, str], ...], ts: float, value: float) -> None:
-        self._extend(name, labels, [ts], [value], tuple(v for _, v in labels))
+        self._extend(name, labels, np.array([ts]), np.array([value]), tuple(v for _, v in labels))
 
     def _extend(
         self,
         name: str,
         labels: tuple[tuple[str, str], ...],
-        ts: list[float],
-        values: list[float],
+        ts: Floats,
+        values: Floats,
         prom_labels: tuple[str, ...],
     ) -> None:
         key = (name, labels)
         samples = self._batch.get(key)
         if samples is None:
             samples = self._batch[key] = Samples([], [])
-        samples.ts.extend(ts)
-        samples.values.extend(values)
+        samples.ts.extend(ts.tolist())
+        samples.values.extend(values.tolist())
         histogram = self.exposition.histograms.get(name)
         if histogram is not None:
-            scaled = np.asarray(values, dtype=np.float64) / METRICS[name].scale
-            observe_many(self.exposition.child(histogram, prom_labels), scaled)
+            observe_many(self.exposition.child(histogram, prom_labels), values / METRICS[name].scale)
 
-    def _add_responses(self, rows: list[ResponseMetrics]) -> None:
-        """Columns, not rows: one histogram update and one list extend per series per tick."""
+    def _ingest(self, records: list[RequestRecord], cpu_per_ms: float) -> None:
+        """Records to series as columns: a few numpy operations per series per tick, not per record."""
+        n = len(records)
         expo = self.exposition
-        groups: dict[tuple[str, str, str], list[ResponseMetrics]] = {}
-        codes: Counter[tuple[str, str, str]] = Counter()
-        for m in rows:
-            self._remember(m.request_id, m.model_used, m.timestamp)
-            codes[(m.model_used, _code(m.status), m.cache)] += 1
-            groups.setdefault((m.model_used, m.cache, m.outcome), []).append(m)
-        self.recent.extend(rows)
-        for labels, n in codes.items():
-            expo.child(expo.requests, labels).inc(n)  # type: ignore[attr-defined]
-        answered: dict[str, list[ResponseMetrics]] = {}
-        for (model, cache, outcome), group in groups.items():
+        start = np.fromiter((r.spans.start for r in records), np.int64, n)
+        total_ms = (np.fromiter((r.spans.end for r in records), np.int64, n) - start) / 1e6
+        overhead = np.fromiter((r.spans.overhead_ns() for r in records), np.float64, n) / 1e6
+        ts = np.fromiter((r.started_at for r in records), np.float64, n) + total_ms / 1000
+        # The loop thread's CPU, shared by the Iros time each response spent and capped at it.
+        cpu_ms = np.minimum(overhead * cpu_per_ms, overhead)
+        cpu_percent = 100 * cpu_ms / np.maximum(total_ms, 1e-9)
+        models = [self._model_label(r) for r in records]
+        caches = [r.cache for r in records]
+        statuses = [r.status for r in records]
+        outcomes = [_OUTCOMES.get(code) or outcome_of(code) for code in statuses]
+        self._ids.update(zip([r.request_id for r in records], models, strict=True))
+        self._forget()
+        for labels, count in Counter(zip(models, map(_code, statuses), caches, strict=True)).items():
+            expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
+        system = self.sampler.latest
+        self.recent.extend(
+            self._response_metrics(records[i], float(cpu_ms[i]), float(overhead[i]), system)
+            for i in range(max(0, n - RECENT_PER_TICK), n)
+        )
+
+        columns = self._columns(records, start)
+        columns["overhead_ms"] = overhead
+        columns["cpu_usage_percent"] = cpu_percent
+        keys: dict[tuple[str, str, str], int] = {}
+        group = np.fromiter(
+            (keys.setdefault(k, len(keys)) for k in zip(models, caches, outcomes, strict=True)), np.int64, n
+        )
+        answered: dict[str, list[npt.NDArray[np.int64]]] = {}
+        for (model, cache, outcome), g in keys.items():
+            idx = np.flatnonzero(group == g)
             if cache.endswith("hit"):
                 kind = cache.removesuffix("hit").rstrip("_") or "exact"
-                expo.child(expo.cache_hits, (model, kind)).inc(len(group))  # type: ignore[attr-defined]
+                expo.child(expo.cache_hits, (model, kind)).inc(idx.size)  # type: ignore[attr-defined]
             elif cache == "miss":
-                expo.child(expo.cache_misses, (model,)).inc(len(group))  # type: ignore[attr-defined]
+                expo.child(expo.cache_misses, (model,)).inc(idx.size)  # type: ignore[attr-defined]
             if outcome == "cancelled":
                 continue  # the client left: neither a response time nor an error of ours
-            self._extend(
-                "response_time_ms",
-                (("cache", cache), ("model", model), ("outcome", outcome)),
-                [m.timestamp for m in group],
-                [m.response_time for m in group],
-                (model, cache, outcome),
-            )
+            series = (("cache", cache), ("model", model), ("outcome", outcome))
+            self._extend("response_time_ms", series, ts[idx], total_ms[idx], (model, cache, outcome))
             if outcome == "ok":
-                answered.setdefault(model, []).extend(group)
-        for model, group in answered.items():
-            by_model = (("model", model),)
-            for name, attr in self._fields:
-                pairs = [(m.timestamp, v) for m in group if (v := getattr(m, attr)) is not None]
-                if pairs:
-                    self._extend(name, by_model, [p[0] for p in pairs], [p[1] for p in pairs], (model,))
+                answered.setdefault(model, []).append(idx)
+        for model, parts in answered.items():
+            idx = np.concatenate(parts)
+            for name in self._series:
+                values = columns[name][idx]
+                present = ~np.isnan(values)
+                if present.any():
+                    self._extend(name, (("model", model),), ts[idx][present], values[present], (model,))
             if "business" in self.groups:
-                for kind, attr in (("input", "prompt_tokens"), ("output", "completion_tokens")):
-                    tokens = sum(getattr(m, attr) for m in group)
+                for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+                    tokens = int(columns[name][idx].sum())
                     if tokens:
                         expo.child(expo.tokens, (model, kind)).inc(tokens)  # type: ignore[attr-defined]
 
-    def _remember(self, request_id: str, model: str, ts: float) -> None:
-        ids = self._ids
-        ids[request_id] = (model, ts)
-        if len(ids) > RECENT_IDS:
-            old, _ = ids.popitem(last=False)
-            self._feedback_seen.discard(old)
+    def _columns(self, records: list[RequestRecord], start: npt.NDArray[np.int64]) -> dict[str, Floats]:
+        """Per-response values by series name; NaN where a response has none (TTFT of a non-stream)."""
+        n = len(records)
+        nan = np.full(n, np.nan)
+        out: dict[str, Floats] = {
+            "prompt_tokens": np.fromiter((r.usage.get("prompt_tokens", 0) for r in records), np.float64, n),
+            "completion_tokens": np.fromiter(
+                (r.usage.get("completion_tokens", 0) for r in records), np.float64, n
+            ),
+            "content_length_bytes": np.fromiter((r.body_bytes for r in records), np.float64, n),
+        }
+        for name in ("ttft_ms", "stream_max_gap_ms", "stream_stalls", "tpot_ms", "relevance"):
+            out[name] = nan.copy()
+        streamed = np.array([i for i, r in enumerate(records) if r.first_chunk_ns], dtype=np.int64)
+        if streamed.size:
+            picked = [records[i] for i in streamed]
+            m = streamed.size
+            first = np.fromiter((r.first_chunk_ns for r in picked), np.int64, m)
+            last = np.fromiter((r.last_chunk_ns for r in picked), np.int64, m)
+            chunks = np.fromiter((r.chunks for r in picked), np.float64, m)
+            completion = out["completion_tokens"][streamed]
+            tokens = np.where(completion > 0, completion, chunks)
+            out["ttft_ms"][streamed] = (first - start[streamed]) / 1e6
+            out["stream_max_gap_ms"][streamed] = (
+                np.fromiter((r.max_gap_ns for r in picked), np.float64, m) / 1e6
+            )
+            out["stream_stalls"][streamed] = np.fromiter((r.stalls for r in picked), np.float64, m)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out["tpot_ms"][streamed] = np.where(tokens > 1, (last - first) / 1e6 / (tokens - 1), np.nan)
+        for i, r in enumerate(records):
+            if r.sampled and 200 <= r.status < 300:
+                score = relevance(r)
+                if score is not None:
+                    out["relevance"][i] = score
+        return out
+
+    def _forget(self) -> None:
+        # Oldest first: a dict keeps insertion order, and trimming in bulk keeps each insert cheap.
+        excess = len(self._ids) - RECENT_IDS
+        if excess > 0:
+            for old in list(itertools.islice(self._ids, excess)):
+                del self._ids[old]
+                self._feedback_seen.discard(old)
 
     # --- feedback -------------------------------------------------------------------------------
     def feedback(self, request_id: str, score: float) -> str:
@@ -357,7 +436,7 @@ class Collector:
         """
         if "user_journey" not in self.groups:
             raise PermissionError("user journey metrics are off (metrics_collection.custom_metrics)")
-        model, _ = self._ids[request_id]
+        model = self._ids[request_id]
         if request_id in self._feedback_seen:
             raise ValueError(f"request {request_id} already has feedback")
         self._feedback_seen.add(request_id)
@@ -408,12 +487,25 @@ class Collector:
 
 def _code(status: int) -> str:
     # Bounded: the statuses Iros sends, anything else by class.
-    return str(status) if status in _KNOWN_CODES else f"{status // 100}xx"
+    return _CODES.get(status) or f"{status // 100}xx"
 
 
-_KNOWN_CODES = frozenset(
-    {200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504}
-)
+_CODES = {
+    s: str(s) for s in (200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504)
+}
+_OUTCOMES = {s: outcome_of(s) for s in _CODES}
+
+
+def _optimizations(record: RequestRecord) -> tuple[str, ...]:
+    applied = []
+    if record.cache.endswith("hit"):
+        applied.append(f"cache_{record.cache}")
+    if record.attempts > 1:
+        applied.append("failover" if "retry" not in record.spans.durations else "retry")
+    if record.stream:
+        applied.append("streaming")
+    return tuple(applied)
+
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP_WORDS = (

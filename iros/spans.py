@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from time import perf_counter_ns
 
-# The stages in pipeline order. Upstream stages are the model's time, not Iros's.
+# The stages in pipeline order. upstream_connect, upstream_ttft and stream are the model's time, not Iros's.
 STAGES = (
     "queue",
     "auth",
@@ -22,7 +22,6 @@ STAGES = (
     "stream",
     "respond",
 )
-UPSTREAM_STAGES = frozenset({"upstream_connect", "upstream_ttft", "stream"})
 
 
 class Spans:
@@ -54,7 +53,8 @@ class Spans:
     def overhead_ns(self, until: int | None = None) -> int:
         """Time inside Iros: elapsed time less the upstream stages."""
         elapsed = (until or self.end or perf_counter_ns()) - self.start
-        upstream = sum(v for k, v in self.durations.items() if k in UPSTREAM_STAGES)
+        d = self.durations
+        upstream = d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)
         return max(elapsed - upstream, 0)
 
     def ms(self) -> dict[str, float]:
