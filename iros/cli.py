@@ -259,6 +259,34 @@ def bench_tsdb(
     typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
+@bench_app.command("collector")
+def bench_collector(
+    responses: Annotated[int, typer.Option(help="synthetic responses to collect")] = 50_000,
+    rate: Annotated[float, typer.Option(help="requests per second the batches are sized for")] = 3000.0,
+) -> None:
+    """CPU that metrics collection (collector and SQLite store) spends per response, in-process."""
+    import sqlite3
+
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from iros.collector_bench import run_collector_bench
+
+    if responses < 1 or rate <= 0:
+        raise _fail("--responses must be 1 or more and --rate above 0")
+    bar = Progress(
+        TextColumn("[bold]collecting"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=err
+    )
+    task = bar.add_task("collecting", total=responses)
+    try:
+        with bar:
+            result = run_collector_bench(
+                responses=responses, rate=rate, progress=lambda n: bar.advance(task, n)
+            )
+    except (OSError, sqlite3.Error) as exc:
+        raise _fail(f"bench collector: {exc}") from None
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

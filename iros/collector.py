@@ -40,9 +40,9 @@ log = logging.getLogger("iros.metrics")
 MAX_PENDING = 200_000  # records waiting to be taken in; beyond it the oldest are dropped and counted
 LIVE_WINDOW_SECONDS = 300  # how far back /api/metrics/current can look without the store
 RECENT_IDS = 100_000  # request ids remembered for feedback
-RECENT_PER_TICK = 100  # ResponseMetrics kept per slice, for /api/metrics/current
+RECENT_PER_TICK = 10  # ResponseMetrics kept per slice, for /api/metrics/current
 INGEST_SECONDS = 0.2  # how often pending records are taken in
-INGEST_SLICE = 250  # records taken in between two yields to the event loop
+INGEST_SLICE = 1000  # records taken in between two yields to the event loop (a few ms of work)
 
 Floats = npt.NDArray[np.float64]
 
@@ -130,7 +130,7 @@ class Collector:
         # Per-model series of answered responses that the enabled groups record.
         self._series = [name for name in _PER_MODEL if METRICS[name].group in self.groups]
         self._pending: deque[RequestRecord] = deque(maxlen=MAX_PENDING)
-        self._batch: dict[SeriesKey, Samples] = {}
+        self._batch: dict[SeriesKey, tuple[list[Floats], list[Floats]]] = {}  # per series: ts, values
         self.frames: deque[Frame] = deque()
         self.recent: deque[ResponseMetrics] = deque(maxlen=1000)
         self._ids: dict[str, str] = {}  # request id -> the model that answered, oldest first
@@ -237,8 +237,9 @@ class Collector:
                     await asyncio.sleep(0)
                 self._ingest(rows[i : i + INGEST_SLICE], spent_ms / total_overhead)
         self.responses += len(records)
-        batch, self._batch = self._batch, {}
-        if batch:
+        parts, self._batch = self._batch, {}
+        if parts:
+            batch = {key: Samples(_joined(ts), _joined(values)) for key, (ts, values) in parts.items()}
             sketches = {key: Sketch.of(s.values) for key, s in batch.items()}
             last = self.frames[-1] if self.frames else None
             if last is not None and int(last.at) == int(now):
@@ -315,26 +316,45 @@ class Collector:
         prom_labels: tuple[str, ...],
     ) -> None:
         key = (name, labels)
-        samples = self._batch.get(key)
-        if samples is None:
-            samples = self._batch[key] = Samples([], [])
-        samples.ts.extend(ts.tolist())
-        samples.values.extend(values.tolist())
+        parts = self._batch.get(key)
+        if parts is None:
+            parts = self._batch[key] = ([], [])
+        parts[0].append(ts)
+        parts[1].append(values)
         histogram = self.exposition.histograms.get(name)
         if histogram is not None:
             observe_many(self.exposition.child(histogram, prom_labels), values / METRICS[name].scale)
 
     def _ingest(self, records: list[RequestRecord], cpu_per_ms: float) -> None:
-        """Records to series as columns: a few numpy operations per series per tick, not per record."""
+        """Records to series as columns: a few numpy operations per series per slice, not per record."""
         n = len(records)
         expo = self.exposition
-        start = np.fromiter((r.spans.start for r in records), np.int64, n)
-        total_ms = (np.fromiter((r.spans.end for r in records), np.int64, n) - start) / 1e6
-        overhead = np.fromiter((r.spans.overhead_ns() for r in records), np.float64, n) / 1e6
-        ts = np.fromiter((r.started_at for r in records), np.float64, n) + total_ms / 1000
+        # One pass over the records into one array; everything after is numpy on its columns.
+        table = np.array(
+            [
+                (
+                    r.spans.start,
+                    r.spans.end,
+                    r.spans.overhead_ns(),
+                    r.started_at,
+                    r.usage.get("prompt_tokens", 0),
+                    r.usage.get("completion_tokens", 0),
+                    r.body_bytes,
+                    r.first_chunk_ns,
+                    r.last_chunk_ns,
+                    r.max_gap_ns,
+                    r.stalls,
+                    r.chunks,
+                )
+                for r in records
+            ],
+            dtype=np.float64,
+        ).T
+        total_ms = (table[1] - table[0]) / 1e6
+        overhead = table[2] / 1e6
+        ts = table[3] + total_ms / 1000
         # The loop thread's CPU, shared by the Iros time each response spent and capped at it.
         cpu_ms = np.minimum(overhead * cpu_per_ms, overhead)
-        cpu_percent = 100 * cpu_ms / np.maximum(total_ms, 1e-9)
         models = [self._model_label(r) for r in records]
         caches = [r.cache for r in records]
         statuses = [r.status for r in records]
@@ -349,13 +369,11 @@ class Collector:
             for i in range(max(0, n - RECENT_PER_TICK), n)
         )
 
-        columns = self._columns(records, start)
+        columns = self._columns(records, table, total_ms)
         columns["overhead_ms"] = overhead
-        columns["cpu_usage_percent"] = cpu_percent
+        columns["cpu_usage_percent"] = 100 * cpu_ms / np.maximum(total_ms, 1e-9)
         keys: dict[tuple[str, str, str], int] = {}
-        group = np.fromiter(
-            (keys.setdefault(k, len(keys)) for k in zip(models, caches, outcomes, strict=True)), np.int64, n
-        )
+        group = np.array([keys.setdefault(k, len(keys)) for k in zip(models, caches, outcomes, strict=True)])
         answered: dict[str, list[npt.NDArray[np.int64]]] = {}
         for (model, cache, outcome), g in keys.items():
             idx = np.flatnonzero(group == g)
@@ -383,35 +401,22 @@ class Collector:
                     if tokens:
                         expo.child(expo.tokens, (model, kind)).inc(tokens)  # type: ignore[attr-defined]
 
-    def _columns(self, records: list[RequestRecord], start: npt.NDArray[np.int64]) -> dict[str, Floats]:
+    def _columns(self, records: list[RequestRecord], table: Floats, total_ms: Floats) -> dict[str, Floats]:
         """Per-response values by series name; NaN where a response has none (TTFT of a non-stream)."""
-        n = len(records)
-        nan = np.full(n, np.nan)
-        out: dict[str, Floats] = {
-            "prompt_tokens": np.fromiter((r.usage.get("prompt_tokens", 0) for r in records), np.float64, n),
-            "completion_tokens": np.fromiter(
-                (r.usage.get("completion_tokens", 0) for r in records), np.float64, n
-            ),
-            "content_length_bytes": np.fromiter((r.body_bytes for r in records), np.float64, n),
-        }
-        for name in ("ttft_ms", "stream_max_gap_ms", "stream_stalls", "tpot_ms", "relevance"):
-            out[name] = nan.copy()
-        streamed = np.array([i for i, r in enumerate(records) if r.first_chunk_ns], dtype=np.int64)
-        if streamed.size:
-            picked = [records[i] for i in streamed]
-            m = streamed.size
-            first = np.fromiter((r.first_chunk_ns for r in picked), np.int64, m)
-            last = np.fromiter((r.last_chunk_ns for r in picked), np.int64, m)
-            chunks = np.fromiter((r.chunks for r in picked), np.float64, m)
-            completion = out["completion_tokens"][streamed]
-            tokens = np.where(completion > 0, completion, chunks)
-            out["ttft_ms"][streamed] = (first - start[streamed]) / 1e6
-            out["stream_max_gap_ms"][streamed] = (
-                np.fromiter((r.max_gap_ns for r in picked), np.float64, m) / 1e6
-            )
-            out["stream_stalls"][streamed] = np.fromiter((r.stalls for r in picked), np.float64, m)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out["tpot_ms"][streamed] = np.where(tokens > 1, (last - first) / 1e6 / (tokens - 1), np.nan)
+        start, prompt, completion, size, first, last, gap, stalls, chunks = table[[0, *range(4, 12)]]
+        streamed = first > 0
+        tokens = np.where(completion > 0, completion, chunks)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out: dict[str, Floats] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "content_length_bytes": size,
+                "ttft_ms": np.where(streamed, (first - start) / 1e6, np.nan),
+                "stream_max_gap_ms": np.where(streamed, gap / 1e6, np.nan),
+                "stream_stalls": np.where(streamed, stalls, np.nan),
+                "tpot_ms": np.where(streamed & (tokens > 1), (last - first) / 1e6 / (tokens - 1), np.nan),
+                "relevance": np.full(len(records), np.nan),
+            }
         for i, r in enumerate(records):
             if r.sampled and 200 <= r.status < 300:
                 score = relevance(r)
@@ -483,6 +488,10 @@ class Collector:
         active, queued = self.load()
         self.exposition.gauges["active_connections"].set(active)
         self.exposition.gauges["queue_length"].set(queued)
+
+
+def _joined(parts: list[Floats]) -> Floats:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _code(status: int) -> str:

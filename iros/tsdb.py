@@ -157,6 +157,11 @@ def decode_chunk(data: bytes, count: int) -> tuple[Ints, Floats]:
     return ts_us, values
 
 
+def _dense_groups(starts: Ints, size: int) -> Ints:
+    """Group numbers 0, 1, ... for `size` sorted items whose groups begin at `starts`."""
+    return np.repeat(np.arange(starts.size, dtype=np.int64), np.diff(np.append(starts, size)))
+
+
 def _group_starts(keys: npt.NDArray[Any]) -> Ints:
     """Indices where a run of equal (sorted) keys begins."""
     if keys.size == 0:
@@ -226,6 +231,23 @@ class _Rows:
             np.repeat(np.arange(n.size, dtype=np.int64), n),
             codes.astype(np.int64),
             entry_count.astype(np.int64),
+        )
+
+    def coarsen(self, group: Ints) -> _Rows:
+        """Rows combined by `group` (new row number per row, sorted, none skipped)."""
+        starts = _group_starts(group)
+        rows = group[self.entry_row]
+        keys = rows * (1 << 16) + self.entry_code
+        order = np.argsort(keys, kind="stable")
+        heads = _group_starts(keys[order])
+        return _Rows(
+            np.add.reduceat(self.count, starts),
+            np.add.reduceat(self.sum, starts),
+            np.minimum.reduceat(self.min, starts),
+            np.maximum.reduceat(self.max, starts),
+            rows[order][heads],
+            self.entry_code[order][heads],
+            np.add.reduceat(self.entry_count[order], heads),
         )
 
     def merge(self, other: _Rows, into: Ints) -> None:
@@ -445,7 +467,7 @@ class SQLiteStore:
         """Queue samples (the lists are kept, not copied). O(series), never blocks on the database."""
         with self._lock:
             for key, samples in batch.items():
-                if samples.ts:
+                if len(samples.ts):
                     self._pending.append((key, samples))
                     self._pending_samples += len(samples.ts)
             self._trim()
@@ -654,16 +676,20 @@ class SQLiteStore:
             ts_us = np.rint(ts * US).astype(np.int64)
             order = np.argsort(ts_us, kind="stable")
             ts_us, values = ts_us[order], values[order]
-            codes = _bucket_codes(values)
             tiers = []
-            for res in self.tiers:
-                bucket = ts_us // (res * US)
+            if self.tiers:
+                # The finest tier from the samples; each coarser one from the finest one's rows (every
+                # resolution is a multiple of the finer ones), which are few where samples are many.
+                finest = self.tiers[0]
+                bucket = ts_us // (finest * US)
                 starts = _group_starts(bucket)
-                group = np.repeat(
-                    np.arange(starts.size, dtype=np.int64), np.diff(np.append(starts, bucket.size))
-                )
-                rows = _Rows.of_samples(group, values, codes)
-                tiers.append((res, bucket[starts] * res, rows))
+                rows = _Rows.of_samples(_dense_groups(starts, bucket.size), values, _bucket_codes(values))
+                row_start = bucket[starts] * finest
+                tiers.append((finest, row_start, rows))
+                for res in self.tiers[1:]:
+                    coarse = row_start // res
+                    heads = _group_starts(coarse)
+                    tiers.append((res, coarse[heads] * res, rows.coarsen(_dense_groups(heads, coarse.size))))
             prepared.append((key, ts_us, encode_chunk(ts_us, values), tiers))
         return prepared, unusable
 

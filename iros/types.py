@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from iros.spans import Spans
 
 
@@ -46,10 +49,11 @@ SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
 @dataclass(slots=True)
 class Samples:
-    """Samples of one series gathered since the last flush: unix-second timestamps and values."""
+    """Samples of one series gathered since the last flush: unix-second timestamps and values
+    (lists, or float64 arrays: the collector hands over the arrays it computed)."""
 
-    ts: list[float]
-    values: list[float]
+    ts: list[float] | npt.NDArray[np.float64]
+    values: list[float] | npt.NDArray[np.float64]
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""`iros bench overhead`: real nginx, wrk and Iros processes, no mocks."""
+"""`iros bench overhead` (real nginx, wrk and Iros processes, no mocks) and `iros bench collector`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from iros import bench
+from iros.collector_bench import run_collector_bench
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
@@ -123,3 +124,13 @@ def test_run_overhead_shape(tmp_path: Path) -> None:
     nginx_port = int(re.search(r"listen 127.0.0.1:(\d+)", (tmp_path / "nginx.conf").read_text()).group(1))  # type: ignore[union-attr]
     assert _closed(iros_port)
     assert _closed(nginx_port)
+
+
+def test_collector_bench_reports_cpu_per_response(tmp_path: Path) -> None:
+    """The collector benchmark runs real records through the real collector and store."""
+    result = run_collector_bench(tmp_path, responses=3000, rate=1000)
+    cpu = result["cpu_us_per_response"]
+    assert cpu["ingest"] > 0 and cpu["store"] > 0
+    assert cpu["total"] == pytest.approx(cpu["ingest"] + cpu["store"], abs=0.02)
+    # Every answered response writes its response time and per-model series.
+    assert result["samples_written"] > 3000 * 5
