@@ -156,7 +156,7 @@ class StorageSettings(Strict):
     endpoint: str | None = Field(None, description="Prometheus base URL, e.g. http://127.0.0.1:9090")
     timeout_seconds: float = Field(5.0, gt=0)
     flush_interval_seconds: float = Field(
-        1.0, gt=0, le=60, description="at most this much is lost on a crash"
+        5.0, gt=0, le=60, description="history is written this often; at most this much is lost on a crash"
     )
     raw_retention_hours: float = Field(
         48.0, gt=0, description="raw samples are kept this long; rollups for retention_days"
