@@ -30,6 +30,7 @@ from types import FrameType
 from typing import IO, Any
 
 import orjson
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -301,6 +302,21 @@ def _ms(us: float) -> float:
     return round(us / 1000.0, 3)
 
 
+def _cpu_seconds(server: ChildProcess | None) -> float:
+    """User and system CPU of a server process and its worker processes."""
+    if server is None or server.proc is None:
+        return 0.0
+    try:
+        root = psutil.Process(server.proc.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            t = p.cpu_times()
+            total += t.user + t.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """wrk's numbers in the report's shape: rates per second, latencies in ms (3 decimals)."""
     lat = raw["latency_us"]
@@ -417,9 +433,11 @@ def run_overhead(
                 "direct": (f"{nginx_proc.url}/v1/chat/completions", "directly at nginx"),
                 "iros": (f"{iros_proc.url}/v1/chat/completions", "through Iros"),
             }
+            servers: dict[str, ChildProcess] = {"iros": iros_proc}
             if metrics_baseline:
                 bare_proc = start_iros(workdir, nginx_proc.port, iros_workers, metrics=False, name="bare")
                 procs.append((bare_proc, "Iros without metrics", "bare.log"))
+                servers["iros_no_metrics"] = bare_proc
                 targets["iros_no_metrics"] = (
                     f"{bare_proc.url}/v1/chat/completions",
                     "through Iros without metrics",
@@ -431,8 +449,14 @@ def run_overhead(
                         out = workdir / f"wrk-c{c}-{key}-warmup.txt"
                         _run_wrk(wrk, script, url, c, warmup, out, phase, f"c={c} {where} (warm-up)")
                     out = workdir / f"wrk-c{c}-{key}.txt"
+                    server = servers.get(key)
+                    cpu_before = _cpu_seconds(server)
                     raw = _run_wrk(wrk, script, url, c, duration, out, phase, f"c={c} {where}")
                     row[key] = summarize(raw)
+                    if server is not None and raw["requests"]:
+                        # CPU time is the server's own, whatever else the machine is doing.
+                        spent = _cpu_seconds(server) - cpu_before
+                        row[key]["cpu_us_per_request"] = round(spent / raw["requests"] * 1e6, 1)
                     # A dead server shows up as connect errors; say so instead of reporting nonsense.
                     for proc, name, log in procs:
                         if not proc.running:
