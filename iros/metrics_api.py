@@ -12,6 +12,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -168,7 +169,10 @@ class MetricsAPI:
 
     async def current(self, request: Request) -> Response:
         self._admin(request)
-        return JSONResponse(self.monitor.current(self._window(request)))
+        report = self.monitor.current(self._window(request))
+        # The seed's ResponseMetrics of the last few responses, as recorded.
+        report["recent_responses"] = [asdict(m) for m in list(self.monitor.collector.recent)[-10:]]
+        return JSONResponse(report)
 
     async def performance(self, request: Request) -> Response:
         self._admin(request)

@@ -188,6 +188,19 @@ class TestCurrentAndKpis:
         assert report["business"]["completion_tokens"] > 0
         assert report["status"] in ("healthy", "degraded", "critical")
         assert report["kpis"]["error_rate"]["level"] == "critical"  # 24% errors is over the 10% line
+        recent = report["recent_responses"][-1]
+        for key in (
+            "response_time",
+            "cpu_usage",
+            "memory_usage",
+            "gpu_usage",
+            "cache_hit",
+            "model_used",
+            "content_length",
+            "optimization_applied",
+            "user_satisfaction",
+        ):
+            assert key in recent
 
     def test_system_status_is_critical_from_the_error_rate(
         self, monitored: IrosProcess, traffic: dict[str, int]
