@@ -11,6 +11,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,6 +24,8 @@ from starlette.types import Receive, Scope, Send
 from iros import __version__
 from iros.admission import Admission
 from iros.auth import KeyRing, Principal, Role
+from iros.cache import build_cache
+from iros.cache_api import CacheAPI
 from iros.config import Settings
 from iros.errors import IrosError
 from iros.exposition import mark_worker_gone
@@ -61,6 +64,8 @@ class IrosApp:
         ]
         if monitor is not None:
             routes += MetricsAPI(monitor, keyring).routes()
+        if gateway.cache is not None:
+            routes += CacheAPI(gateway, keyring).routes()
         self.routes = Starlette(
             routes=routes,
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
@@ -77,12 +82,17 @@ class IrosApp:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         if self.monitor is not None:
             await self.monitor.start()
+        if self.gateway.cache is not None:
+            await asyncio.to_thread(Path(self.settings.server.data_dir).mkdir, parents=True, exist_ok=True)
+            await self.gateway.cache.start()
         # Everything built so far (modules, classes, the app) lives as long as the process: out of the
         # collector's way, a full collection scans only what requests allocate, not tens of ms of heap.
         gc.freeze()
         try:
             yield
         finally:
+            if self.gateway.cache is not None:
+                await self.gateway.cache.close()
             if self.monitor is not None:
                 await self.monitor.close()
                 mark_worker_gone()
@@ -193,7 +203,8 @@ def create_app(settings: Settings, router: Router | None = None) -> IrosApp:
     keyring = KeyRing(settings.auth)
     server = settings.server
     admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
-    gateway = Gateway(settings, router, keyring, admission)
+    cache = build_cache(settings.cache, Path(settings.server.data_dir)) if settings.cache.enabled else None
+    gateway = Gateway(settings, router, keyring, admission, cache)
     monitor = None
     if settings.metrics_collection.enabled:
         monitor = Monitor(settings, admission)

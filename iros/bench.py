@@ -185,6 +185,8 @@ def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = T
         f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}}}\n"
         "auth: {open: true}\n"
         f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
+        # The same request again and again: with the cache on this would measure cache hits.
+        "cache: {enabled: false}\n"
         "models:\n"
         f'  - {{name: {MODEL}, backend: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}\n'
     )

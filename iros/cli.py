@@ -287,6 +287,115 @@ def bench_collector(
     typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
+PairsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pairs",
+        help="JSON lines (gzipped or not) of {a, b, label} (default: ../shared/data/qqp/dev.jsonl.gz)",
+    ),
+]
+
+
+def _cache_bench(name: str, pairs: Path | None, limit: int | None, run: Any) -> dict[str, Any]:
+    """Read the pairs, run one cache bench under a progress bar on stderr, turn its failures into errors."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from iros.cache_bench import DEFAULT_PAIRS, read_pairs
+    from iros.process import ProcessFailed
+
+    path = pairs or DEFAULT_PAIRS
+    if limit is not None and limit < 1:
+        raise _fail("--limit must be 1 or more")
+    try:
+        data = read_pairs(path, limit)
+    except (OSError, ValueError) as exc:
+        raise _fail(f"bench {name}: cannot read the pairs: {exc}") from None
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("starting", total=None)
+
+    def progress(description: str, done: float, total: float) -> None:
+        bar.update(task, description=description, completed=done, total=total)
+
+    try:
+        with bar:
+            result: dict[str, Any] = run(data, progress)
+    except (OSError, ValueError, RuntimeError, ProcessFailed) as exc:
+        raise _fail(f"bench {name}: {exc}") from None
+    return result
+
+
+@bench_app.command("cache-quality")
+def bench_cache_quality(
+    pairs: PairsOption = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N pairs")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="only the JSON: no summary on stderr")] = False,
+) -> None:
+    """Semantic-cache precision and recall: store every a, ask every b; verifier on vs plain cosine."""
+    from iros.cache_bench import run_cache_quality
+
+    result = _cache_bench("cache-quality", pairs, limit, run_cache_quality)
+    if not json_only:
+        plain, targets = result["plain_cosine"], result["targets"]
+        err.print(
+            f"threshold {result['threshold']}: verifier precision {result['precision']} "
+            f"recall {result['recall']}; plain cosine precision {plain['precision']} "
+            f"recall {plain['recall']} (targets: precision ≥ {targets['precision']}, "
+            f"recall ≥ {targets['recall']})",
+            highlight=False,
+        )
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+@bench_app.command("cache-latency")
+def bench_cache_latency(
+    pairs: PairsOption = None,
+    entries: Annotated[int, typer.Option(min=1, help="paraphrase pairs whose a is stored")] = 1000,
+    duration: Annotated[float, typer.Option(help="seconds of lookups per concurrency level")] = 3.0,
+) -> None:
+    """Exact and semantic hit latency in-process, and semantic lookups/s at concurrency 1, 8 and 32."""
+    from iros.cache_bench import run_cache_latency
+
+    if duration <= 0:
+        raise _fail("--duration must be more than 0 seconds")
+
+    def run(data: Any, progress: Any) -> dict[str, Any]:
+        return run_cache_latency(data, progress, entries=entries, duration=duration)
+
+    result = _cache_bench("cache-latency", pairs, None, run)
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+@bench_app.command("workload")
+def bench_workload(
+    pairs: PairsOption = None,
+    requests: Annotated[int, typer.Option(min=1, help="requests in the stream")] = 2000,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 16,
+    profile: Annotated[str, typer.Option(help="the simulated model's latency profile")] = "lightweight",
+    seed: Annotated[int, typer.Option(help="seed of the stream")] = 7,
+) -> None:
+    """A Zipf stream of repeated, paraphrased and one-off questions through `iros serve`, cache on vs off."""
+    from iros.cache_bench import run_workload
+    from iros.simulation import PROFILES
+
+    if profile not in PROFILES:
+        raise _fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+
+    def run(data: Any, progress: Any) -> dict[str, Any]:
+        return run_workload(
+            data, requests=requests, concurrency=concurrency, profile=profile, seed=seed, progress=progress
+        )
+
+    result = _cache_bench("workload", pairs, None, run)
+    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

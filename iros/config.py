@@ -198,6 +198,66 @@ class MetricsSettings(Strict):
     )
 
 
+class CacheStoreSettings(Strict):
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: str | None = Field(None, description="SQLite file; default <server.data_dir>/cache.db")
+    url: str | None = Field(None, description="redis://host:6379/0 for the redis backend")
+    prefix: str = Field("iros:cache", description="Redis key prefix shared by the replicas")
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> CacheStoreSettings:
+        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("store.backend redis needs store.url, e.g. redis://127.0.0.1:6379/0")
+        return self
+
+
+class EmbedderSettings(Strict):
+    backend: Literal["local", "openai"] = "local"
+    model: str = Field("all-MiniLM-L6-v2", description="local: the packaged MiniLM; openai: the model name")
+    base_url: str | None = Field(None, description="openai backend: the server's /v1 URL")
+    api_key_env: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(64, ge=1, le=1024, description="texts embedded together")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=100, description="how long a lookup waits for others to batch with"
+    )
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class CacheSettings(Strict):
+    """The response cache: exact answers by key, semantic ones by the last user turn's meaning."""
+
+    enabled: bool = True
+    exact: bool = True
+    semantic: bool = True
+    verifier: bool = Field(True, description="check a semantic candidate before serving it")
+    similarity_threshold: float = Field(0.80, ge=0, le=1, description="cosine similarity a candidate needs")
+    precision_floor: float = Field(
+        0.90, ge=0, le=1, description="tuning for hit rate never moves the threshold below this precision"
+    )
+    max_temperature: float = Field(
+        0.7,
+        ge=0,
+        le=2,
+        description="requests sampled hotter than this are not cached (unset counts as cacheable)",
+    )
+    ttl_seconds: float | None = Field(86400.0, gt=0)
+    max_entries: int = Field(100_000, ge=1)
+    max_memory_mb: float = Field(512.0, gt=0)
+    eviction: Literal["lru", "lfu"] = "lru"
+    namespace: Literal["key", "global"] = Field(
+        "key", description="key: each API key (tenant) has its own answers; global: shared by all"
+    )
+    finish_reasons: list[str] = Field(default_factory=lambda: ["stop"], description="answers cached only if")
+    token_cost_per_1k: float | None = Field(
+        None,
+        ge=0,
+        description="price per 1,000 tokens, for the cost a hit saves in /api/analysis/cache/efficiency",
+    )
+    store: CacheStoreSettings = Field(default_factory=CacheStoreSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+
+
 class Open(BaseModel):
     # Blocks whose schema later capabilities own; kept as given until then.
     model_config = ConfigDict(extra="allow")
@@ -217,7 +277,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     performance_targets: dict[str, Target] = Field(default_factory=_default_targets)
     metrics_collection: MetricsSettings = Field(default_factory=MetricsSettings)
-    cache: Open = Field(default_factory=Open)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     alerting: Open = Field(default_factory=Open)
     optimization: Open = Field(default_factory=Open)
 

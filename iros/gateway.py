@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from iros.admission import Admission
 from iros.auth import KeyRing
+from iros.cache import SHARED, Hit, Plan, ResponseCache
 from iros.config import Settings
 from iros.errors import IrosError, UpstreamError
 from iros.routing import Deployment, Router
@@ -85,8 +86,16 @@ class _ClientGone(Exception):
 
 
 class Gateway:
-    def __init__(self, settings: Settings, router: Router, keyring: KeyRing, admission: Admission) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        keyring: KeyRing,
+        admission: Admission,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.settings = settings
+        self.cache = cache
         self.router = router
         self.keyring = keyring
         self.admission = admission
@@ -112,12 +121,14 @@ class Gateway:
                     code="method_not_allowed",
                     headers={"allow": "POST"},
                 )
-            authorization = content_length = None
+            authorization = content_length = cache_control = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     authorization = value
                 elif name == b"content-length":
                     content_length = value
+                elif name == b"cache-control":
+                    cache_control = value
             principal = self.keyring.authenticate(authorization)
             record.principal = principal.name
             spans.lap("auth")
@@ -128,7 +139,20 @@ class Gateway:
                 if request.stream:
                     record.chunk_log = []
             spans.lap("parse")
-            # No response cache is configured yet: every request bypasses it.
+            plan = None
+            if self.cache is None:
+                request.data.pop("iros", None)  # Iros's own extension never goes upstream
+            else:
+                plan = self.cache.plan(
+                    request, principal.name, cache_control and cache_control.decode("latin-1")
+                )
+                if plan is not None:
+                    hit = await self._lookup(plan)
+                    record.cache = hit.kind if hit is not None else "miss"
+                    if hit is not None:
+                        spans.lap("cache")
+                        await self._replay(hit, request, record, send)
+                        return
             spans.lap("cache")
             candidates = self.router.candidates(request.model)
             spans.lap("route")
@@ -136,9 +160,9 @@ class Gateway:
             spans.lap("queue")
             try:
                 if request.stream:
-                    await self._stream(request, candidates, record, receive, send)
+                    await self._stream(request, candidates, record, receive, send, plan)
                 else:
-                    await self._complete(request, candidates, record, send)
+                    await self._complete(request, candidates, record, send, plan)
             finally:
                 self.admission.release()
         except IrosError as exc:
@@ -170,6 +194,71 @@ class Gateway:
                     observer(record)
                 except Exception:
                     log.exception("observer %r failed", observer)
+
+    async def warm(self, model: str, prompt: str, params: dict[str, Any]) -> str:
+        """Ask the model once and cache its answer in the shared namespace (cache warming).
+
+        Returns "cached", "already_cached" or "not_cacheable"; upstream failures raise IrosError.
+        """
+        assert self.cache is not None
+        data = {**params, "model": model, "messages": [{"role": "user", "content": prompt}]}
+        request = ParsedRequest(data=data, model=model, stream=False, include_usage=False)
+        plan = self.cache.plan(request, SHARED, None)
+        if plan is None:
+            return "not_cacheable"
+        if await self.cache.store.get(plan.key) is not None:
+            return "already_cached"
+        candidates = self.router.candidates(model)
+        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), Spans())
+        await self.admission.acquire()
+        try:
+
+            async def complete(deployment: Deployment) -> Completion:
+                return await deployment.backend.complete(data, record.spans)
+
+            deployment, completion = await self._call(candidates, record, complete)
+        finally:
+            self.admission.release()
+        if not self.cache.acceptable(completion.data):
+            return "not_cacheable"
+        await self.cache.store_now(plan, completion.data, _upstream_ms(record.spans), deployment.name)
+        return "cached"
+
+    async def _lookup(self, plan: Plan) -> Hit | None:
+        assert self.cache is not None
+        try:
+            return await self.cache.lookup(plan)
+        except Exception as exc:
+            # A cache that cannot answer (Redis down, embedder failing) is bypassed, never fatal.
+            log.warning("cache lookup failed, going upstream: %s", exc)
+            plan.write = False
+            return None
+
+    async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
+        completion = orjson.loads(hit.entry.body)
+        _note_result(record, completion)
+        record.status, record.deployment = 200, f"{hit.entry.model}#cache"
+        if not request.stream:
+            body = ResponseCache.replay_json(hit, record.request_id)
+            record.body_bytes = len(body)
+            headers = self._headers(record, hit.entry.model, [_JSON, (b"content-length", b"%d" % len(body))])
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        else:
+            chunks = ResponseCache.replay_chunks(hit, record.request_id, request.include_usage)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": self._headers(record, hit.entry.model, _SSE),
+                }
+            )
+            record.first_chunk_ns = perf_counter_ns()
+            body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + _DONE
+            record.chunks, record.body_bytes = len(chunks), len(body)
+            await send({"type": "http.response.body", "body": body})
+            record.last_chunk_ns = perf_counter_ns()
+        record.spans.lap("respond")
 
     async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
         limit = self.max_body
@@ -231,7 +320,12 @@ class Gateway:
         raise failure.to_client()
 
     async def _complete(
-        self, request: ParsedRequest, candidates: list[Deployment], record: RequestRecord, send: Send
+        self,
+        request: ParsedRequest,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        send: Send,
+        plan: Plan | None = None,
     ) -> None:
         spans = record.spans
 
@@ -250,6 +344,8 @@ class Gateway:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": completion.body})
         spans.lap("respond")
+        if plan is not None and self.cache is not None:
+            self.cache.save(plan, completion.data, _upstream_ms(spans), deployment.name)
 
     async def _stream(
         self,
@@ -258,6 +354,7 @@ class Gateway:
         record: RequestRecord,
         receive: Receive,
         send: Send,
+        plan: Plan | None = None,
     ) -> None:
         spans = record.spans
 
@@ -272,7 +369,15 @@ class Gateway:
 
         deployment, (chunks, first) = await self._call(candidates, record, open_stream)
         spans.lap("upstream_ttft")
-        await self._relay(chunks, first, deployment, record, receive, send)
+        keep: list[bytes] | None = [] if plan is not None and plan.write and self.cache is not None else None
+        if keep is not None and first is not None:
+            keep.append(first)
+        complete = await self._relay(chunks, first, deployment, record, receive, send, keep)
+        if complete and keep is not None and self.cache is not None and plan is not None:
+            # Only a stream that reached [DONE] is put back together and cached.
+            assembled = ResponseCache.assemble(keep)
+            if assembled is not None:
+                self.cache.save(plan, assembled, _upstream_ms(spans), deployment.name)
 
     async def _relay(
         self,
@@ -282,7 +387,9 @@ class Gateway:
         record: RequestRecord,
         receive: Receive,
         send: Send,
-    ) -> None:
+        keep: list[bytes] | None = None,
+    ) -> bool:
+        """Relay the stream; True when it ended with [DONE]."""
         spans = record.spans
         record.status = 200
         await send(
@@ -332,6 +439,8 @@ class Gateway:
                         size += len(data)
                         if log_chunks is not None:
                             log_chunks.append(data)
+                        if keep is not None:
+                            keep.append(data)
                         if b'"finish_reason":"' in data or b'"usage":{' in data:
                             _note_chunk(record, data)
                         await send(
@@ -348,6 +457,7 @@ class Gateway:
             spans.lap("stream")
             state["finished"] = True
             await send({"type": "http.response.body", "body": _DONE})
+            return True
         except UpstreamError as exc:
             spans.lap("stream")
             state["finished"] = True
@@ -374,6 +484,7 @@ class Gateway:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+        return False
 
     def _headers(
         self, record: RequestRecord, model: str, base: list[tuple[bytes, bytes]]
@@ -400,6 +511,11 @@ class Gateway:
             await send({"type": "http.response.body", "body": body})
         except OSError:
             pass
+
+
+def _upstream_ms(spans: Spans) -> float:
+    d = spans.durations
+    return (d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)) / 1e6
 
 
 def _too_large(limit: int) -> IrosError:

@@ -30,7 +30,9 @@ class IrosProcess(ChildProcess):
         if isinstance(config, dict):
             # Each test server keeps its state (metrics history, ...) in a directory of its own.
             server = {"data_dir": tempfile.mkdtemp(prefix="iros-data-"), **config.get("server", {})}
-            config = {**config, "server": server}
+            # Tests that are not about the cache see every request reach the model; cache tests say so.
+            cache = {"enabled": False, **config.get("cache", {})}
+            config = {**config, "server": server, "cache": cache}
             path = Path(tempfile.mkstemp(prefix="iros-", suffix=".yaml")[1])
             path.write_text(yaml.safe_dump(config))
             config = path

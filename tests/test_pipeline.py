@@ -20,8 +20,14 @@ from iros.spans import Spans
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 
 
+# These apps run without their lifespan: nothing that needs starting (cache, metrics store) is built.
+NO_STATE: dict[str, Any] = {"cache": {"enabled": False}, "metrics_collection": {"enabled": False}}
+
+
 def _app() -> tuple[object, list[RequestRecord]]:
-    settings = load_settings(None, {"models": [{"name": "m", "backend": "simulated", "profile": "instant"}]})
+    settings = load_settings(
+        None, {"models": [{"name": "m", "backend": "simulated", "profile": "instant"}], **NO_STATE}
+    )
     app = create_app(settings)
     seen: list[RequestRecord] = []
     app.gateway.observers.append(seen.append)
@@ -79,7 +85,7 @@ class TestSpans:
     async def test_client_hangup_stops_the_upstream_stream(self) -> None:
         """A client that hangs up mid-stream ends the upstream generation; no [DONE] is sent."""
         settings = load_settings(
-            None, {"models": [{"name": "m", "backend": "simulated", "profile": "large"}]}
+            None, {"models": [{"name": "m", "backend": "simulated", "profile": "large"}], **NO_STATE}
         )
         app = create_app(settings)
         seen: list[RequestRecord] = []
@@ -110,7 +116,7 @@ class TestSpans:
     async def test_in_process_hang_times_out_as_504(self) -> None:
         """The simulated backend honours the deployment's read timeout, like a real connection."""
         model = {"name": "m", "backend": "simulated", "profile": "hang", "timeouts": {"read_seconds": 0.05}}
-        app = create_app(load_settings(None, {"models": [model], "retry": {"attempts": 1}}))
+        app = create_app(load_settings(None, {"models": [model], "retry": {"attempts": 1}, **NO_STATE}))
         resp = await _post(app, BODY)
         assert resp.status_code == 504
         assert resp.json()["error"]["code"] == "upstream_timeout"

@@ -1,0 +1,550 @@
+"""The response cache: exact answers by a hash of the canonical request, semantic ones by the meaning of
+the last user turn, checked by a verifier before they are served.
+
+plan = cache.plan(request, principal, cache_control)     # None: this request is not cacheable
+hit = await cache.lookup(plan)                           # exact, then semantic; None on a miss
+body_or_chunks = cache.replay(hit, request_id, stream=..., include_usage=...)
+cache.save(plan, completion, upstream_ms)                # after a good answer; written in the background
+
+Scope of a semantic match: the namespace (tenant), the model and everything in the request but the
+last user turn must be identical (the `context` hash), so a follow-up in another conversation never
+matches. Answers warmed by an admin live in a shared namespace every tenant reads after its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from iros.config import CacheSettings
+from iros.errors import IrosError
+from iros.schema import ParsedRequest
+from iros.types import CacheEntry, CacheStore, Embedder
+
+log = logging.getLogger("iros.cache")
+
+SHARED = "_shared"  # the namespace of admin-warmed answers, read by every tenant after its own
+CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
+MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
+REPLAY_PIECE = 24  # characters per replayed stream chunk
+# Fields that change how an answer is delivered or billed, not what it says: not part of the key.
+_DELIVERY = frozenset({"stream", "stream_options", "user", "metadata", "iros", "store", "service_tier"})
+_MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
+
+
+@dataclass(slots=True)
+class Plan:
+    """How the cache treats one request: its keys, and whether it may read and write."""
+
+    namespace: str
+    model: str
+    base: str  # digest of the canonical request (namespace-free)
+    context_base: str  # digest of the same without the last user turn's text
+    prompt: str | None  # the last user turn, for semantic matching; None when there is none
+    read: bool = True
+    write: bool = True
+    max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
+    ttl: float | None = None
+    embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return _scoped(self.namespace, self.base)
+
+    @property
+    def context(self) -> str:
+        return _scoped(self.namespace, self.context_base)
+
+
+@dataclass(slots=True)
+class Hit:
+    entry: CacheEntry
+    kind: str  # "hit" (exact) or "semantic_hit"
+    similarity: float = 1.0
+
+
+class ResponseCache:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: CacheStore,
+        embedder: Embedder | None = None,
+        verifier: Any = None,
+        index_factory: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.verifier = verifier
+        self.index_factory = index_factory
+        self.index: Any = None  # VectorIndex over entry embeddings, keyed by entry key, once semantic is up
+        self.threshold = settings.similarity_threshold
+        self.semantic_ready = False
+        self._contexts: dict[str, str] = {}  # entry key -> its context, to filter index candidates
+        self._prompts: dict[str, str] = {}  # entry key -> its prompt, for the verifier
+        self._saves: set[asyncio.Task[None]] = set()
+        self._loader: asyncio.Task[None] | None = None
+        self.misses: Counter[tuple[str, str]] = Counter()  # (model, prompt) of recent misses, for warming
+        self._miss_order: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Similarity of the best semantic candidate per lookup, in 0.05-wide bins, by what became of it.
+        self.similarity_bins: dict[str, np.ndarray[Any, Any]] = {
+            k: np.zeros(20, dtype=np.int64) for k in ("served", "verifier_rejected", "below_threshold")
+        }
+        self.verifier_rejections = 0
+        self.counts: Counter[str] = Counter()
+        self.top: Counter[str] = Counter()  # hits per entry key (bounded below)
+        self.saved_tokens = 0
+        self.saved_ms = 0.0
+        self.hits_by_hour: Counter[tuple[int, str]] = Counter()  # (unix hour, kind)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.start(self)
+        if self.settings.semantic and self.embedder is not None and self.index_factory is not None:
+            # Loading the embedding model takes seconds: serve (exact hits included) meanwhile.
+            self._loader = asyncio.create_task(self._load_semantic())
+
+    async def _load_semantic(self) -> None:
+        assert self.embedder is not None and self.index_factory is not None
+        try:
+            await self.embedder.start()
+            self.index = self.index_factory(self.embedder.dim)
+            keys, vectors = [], []
+            async for entry in self.store.entries():
+                self._remember(entry)
+                if entry.embedding is not None:
+                    keys.append(entry.key)
+                    vectors.append(entry.embedding)
+            if keys:
+                self.index.add_many(keys, np.stack(vectors))
+            self.semantic_ready = True
+            log.info("semantic cache ready: %d entries indexed with %s", len(keys), self.embedder.name)
+        except Exception:
+            log.exception("semantic cache unavailable: the embedder did not start; exact caching goes on")
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loader
+        if self._saves:
+            await asyncio.gather(*self._saves, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            if self.index is not None:
+                await asyncio.to_thread(self.index.save)
+        if self.embedder is not None:
+            await self.embedder.aclose()
+        await self.store.close()
+
+    # --- CacheListener: keep the index in step with the store (this replica's and others') -----
+    def _remember(self, entry: CacheEntry) -> None:
+        self._contexts[entry.key] = entry.context
+        self._prompts[entry.key] = entry.prompt
+
+    def added(self, entry: CacheEntry) -> None:
+        self._remember(entry)
+        if self.index is not None and entry.embedding is not None:
+            self.index.add(entry.key, entry.embedding)
+
+    def removed(self, key: str) -> None:
+        self._contexts.pop(key, None)
+        self._prompts.pop(key, None)
+        if self.index is not None:
+            self.index.remove(key)
+
+    # --- planning -----------------------------------------------------------------------------
+    def plan(self, request: ParsedRequest, principal: str, cache_control: str | None) -> Plan | None:
+        """The cache's view of a request, or None when the policy leaves it alone."""
+        data = request.data
+        options = _options(data.pop("iros", None))
+        if not self.settings.enabled or options.get("cache") is False:
+            return None
+        temperature = data.get("temperature")
+        if isinstance(temperature, int | float) and temperature > self.settings.max_temperature:
+            return None
+        read = write = True
+        max_age: float | None = None
+        for directive in (cache_control or "", str(options.get("cache") or "")):
+            lowered = directive.lower()
+            if "no-store" in lowered:
+                write = False
+            if "no-cache" in lowered:
+                read = False
+            if found := _MAX_AGE.search(lowered):
+                max_age = float(found.group(1))
+        if isinstance(options.get("max_age"), int | float):
+            max_age = float(options["max_age"])
+        canonical = {k: v for k, v in data.items() if k not in _DELIVERY}
+        namespace = principal if self.settings.namespace == "key" else "global"
+        messages = canonical.get("messages") or []
+        last = messages[-1] if messages else None
+        prompt = _text(last) if isinstance(last, dict) and last.get("role") == "user" else None
+        context_view = dict(canonical, messages=[*messages[:-1], {"role": "user"}]) if prompt else canonical
+        ttl = options.get("ttl")
+        return Plan(
+            namespace=namespace,
+            model=request.model,
+            base=_digest(canonical),
+            context_base=_digest(context_view),
+            prompt=prompt,
+            read=read,
+            write=write,
+            max_age=max_age,
+            ttl=float(ttl) if isinstance(ttl, int | float) and ttl > 0 else self.settings.ttl_seconds,
+        )
+
+    @staticmethod
+    def shared(plan: Plan) -> Plan:
+        """The same request in the shared namespace (admin-warmed answers)."""
+        return Plan(
+            SHARED,
+            plan.model,
+            plan.base,
+            plan.context_base,
+            plan.prompt,
+            plan.read,
+            plan.write,
+            plan.max_age,
+            plan.ttl,
+        )
+
+    # --- lookup -------------------------------------------------------------------------------
+    async def lookup(self, plan: Plan) -> Hit | None:
+        if not plan.read:
+            return None
+        now = time.time()
+        if self.settings.exact:
+            for candidate in (plan, self.shared(plan)):
+                entry = await self.store.get(candidate.key)
+                if entry is not None and _fresh(entry, plan, now):
+                    self._hit(entry, "hit")
+                    return Hit(entry, "hit")
+        if plan.prompt and self.semantic_ready:
+            hit = await self._semantic(plan, now)
+            if hit is not None:
+                self._hit(hit.entry, "semantic_hit")
+                return hit
+        self._missed(plan)
+        return None
+
+    async def _semantic(self, plan: Plan, now: float) -> Hit | None:
+        assert self.embedder is not None and self.index is not None and plan.prompt is not None
+        vector = (await self.embedder.embed([plan.prompt]))[0]
+        plan.embedding = vector
+        contexts = {plan.context, self.shared(plan).context}
+        matches = [
+            (key, similarity)
+            for key, similarity in self.index.search(vector[None, :], CANDIDATES)[0]
+            if self._contexts.get(key) in contexts
+        ]
+        if not matches:
+            return None
+        key, similarity = matches[0]
+        bin_ = min(int(max(similarity, 0.0) * 20), 19)
+        if similarity < self.threshold:
+            self.similarity_bins["below_threshold"][bin_] += 1
+            return None
+        if self.verifier is not None and self.settings.verifier:
+            candidate = self._prompts.get(key, "")
+            if not self.verifier.accept(plan.prompt, candidate, similarity):
+                self.verifier_rejections += 1
+                self.similarity_bins["verifier_rejected"][bin_] += 1
+                return None
+        entry = await self.store.get(key)
+        if entry is None or not _fresh(entry, plan, now):
+            return None
+        self.similarity_bins["served"][bin_] += 1
+        return Hit(entry, "semantic_hit", similarity)
+
+    def _hit(self, entry: CacheEntry, kind: str) -> None:
+        self.counts[kind] += 1
+        self.saved_tokens += entry.completion_tokens + entry.prompt_tokens
+        self.saved_ms += entry.upstream_ms
+        self.hits_by_hour[(int(time.time() // 3600), kind)] += 1
+        self.top[entry.key] += 1
+        if len(self.top) > 20_000:
+            # Keep the heavy hitters: drop the entries hit once.
+            for key in [k for k, n in self.top.items() if n <= 1]:
+                del self.top[key]
+        self._background(self.store.record_hit(entry.key, "exact" if kind == "hit" else "semantic"))
+
+    def _missed(self, plan: Plan) -> None:
+        self.counts["miss"] += 1
+        if plan.prompt:
+            # Bounded: the most recent distinct misses, with how often each came back.
+            key = (plan.model, plan.prompt)
+            self.misses[key] += 1
+            self._miss_order[key] = None
+            self._miss_order.move_to_end(key)
+            if len(self._miss_order) > 10_000:
+                old, _ = self._miss_order.popitem(last=False)
+                del self.misses[old]
+
+    # --- saving -------------------------------------------------------------------------------
+    def acceptable(self, completion: dict[str, Any]) -> bool:
+        """Only whole answers whose every choice finished for an allowed reason."""
+        choices = completion.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return False
+        allowed = self.settings.finish_reasons
+        return all(isinstance(c, dict) and c.get("finish_reason") in allowed for c in choices)
+
+    def save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
+        """Store a good answer in the background; the response never waits for it."""
+        if not plan.write or not self.acceptable(completion):
+            return
+        if len(self._saves) >= MAX_PENDING_SAVES:
+            self.counts["save_dropped"] += 1
+            return
+        self._background(self._save(plan, completion, upstream_ms, served_by))
+
+    async def store_now(
+        self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str
+    ) -> None:
+        """Store an answer and wait for it (cache warming)."""
+        await self._save(plan, completion, upstream_ms, served_by)
+
+    async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
+        embedding = plan.embedding
+        if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
+            embedding = (await self.embedder.embed([plan.prompt]))[0]
+        found = completion.get("usage")
+        usage: dict[str, Any] = found if isinstance(found, dict) else {}
+        now = time.time()
+        entry = CacheEntry(
+            key=plan.key,
+            namespace=plan.namespace,
+            context=plan.context,
+            model=served_by,
+            prompt=plan.prompt or "",
+            body=orjson.dumps(completion),
+            created_at=now,
+            expires_at=now + plan.ttl if plan.ttl else None,
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            upstream_ms=upstream_ms,
+            embedding=embedding,
+        )
+        await self.store.put(entry)
+        self.counts["saved"] += 1
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._saves.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._saves.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counts["store_errors"] += 1
+            log.warning("cache write failed: %s", task.exception())
+
+    # --- replay -------------------------------------------------------------------------------
+    @staticmethod
+    def replay_json(hit: Hit, request_id: str) -> bytes:
+        completion = orjson.loads(hit.entry.body)
+        completion["id"] = f"chatcmpl-{request_id}"
+        completion["created"] = int(time.time())
+        return orjson.dumps(completion)
+
+    @staticmethod
+    def replay_chunks(hit: Hit, request_id: str, include_usage: bool) -> list[bytes]:
+        """The cached answer as the data of server-sent events, ending with the usage chunk if asked."""
+        completion = orjson.loads(hit.entry.body)
+        base = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": completion.get("model"),
+        }
+        if completion.get("system_fingerprint") is not None:
+            base["system_fingerprint"] = completion["system_fingerprint"]
+        chunks: list[bytes] = []
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return orjson.dumps(
+                {
+                    **base,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+            )
+
+        for choice in completion.get("choices") or []:
+            index = choice.get("index", 0)
+            message = choice.get("message") or {}
+            chunks.append(chunk(index, {"role": message.get("role", "assistant"), "content": ""}))
+            content = message.get("content") or ""
+            for start in range(0, len(content), REPLAY_PIECE):
+                chunks.append(chunk(index, {"content": content[start : start + REPLAY_PIECE]}))
+            if message.get("tool_calls"):
+                calls = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
+                chunks.append(chunk(index, {"tool_calls": calls}))
+            chunks.append(chunk(index, {}, choice.get("finish_reason")))
+        if include_usage and completion.get("usage") is not None:
+            chunks.append(orjson.dumps({**base, "choices": [], "usage": completion["usage"]}))
+        return chunks
+
+    @staticmethod
+    def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
+        """A streamed answer put back together as a completion, or None if it cannot be faithfully."""
+        choices: dict[int, dict[str, Any]] = {}
+        first: dict[str, Any] | None = None
+        usage = None
+        for raw in chunks:
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+            if not isinstance(data, dict):
+                return None
+            first = first or data
+            if isinstance(data.get("usage"), dict):
+                usage = data["usage"]
+            for choice in data.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if "tool_calls" in delta or "function_call" in delta:
+                    return None  # partial tool calls are not put back together: not cached
+                slot = choices.setdefault(
+                    choice.get("index", 0), {"role": "assistant", "content": [], "finish_reason": None}
+                )
+                if delta.get("role"):
+                    slot["role"] = delta["role"]
+                if delta.get("content"):
+                    slot["content"].append(delta["content"])
+                if choice.get("finish_reason"):
+                    slot["finish_reason"] = choice["finish_reason"]
+        if first is None or not choices:
+            return None
+        return {
+            "id": first.get("id"),
+            "object": "chat.completion",
+            "created": first.get("created"),
+            "model": first.get("model"),
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": slot["role"], "content": "".join(slot["content"])},
+                    "logprobs": None,
+                    "finish_reason": slot["finish_reason"],
+                }
+                for i, slot in sorted(choices.items())
+            ],
+            "usage": usage,
+        }
+
+    # --- control ------------------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        store = await self.store.stats()
+        lookups = self.counts["hit"] + self.counts["semantic_hit"] + self.counts["miss"]
+        return {
+            "enabled": self.settings.enabled,
+            "semantic_ready": self.semantic_ready,
+            "similarity_threshold": self.threshold,
+            "verifier": bool(self.verifier is not None and self.settings.verifier),
+            "lookups": lookups,
+            "exact_hits": self.counts["hit"],
+            "semantic_hits": self.counts["semantic_hit"],
+            "misses": self.counts["miss"],
+            "hit_rate": round((lookups - self.counts["miss"]) / lookups, 4) if lookups else None,
+            "verifier_rejections": self.verifier_rejections,
+            "saved": self.counts["saved"],
+            "store_errors": self.counts["store_errors"],
+            "indexed": len(self.index) if self.index is not None else 0,
+            "store": store,
+        }
+
+
+def _options(raw: Any) -> dict[str, Any]:
+    """The `iros` body extension: {"cache": false | "no-cache" | "no-store", "max_age": s, "ttl": s}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"cache", "max_age", "ttl"}:
+        raise IrosError(
+            400,
+            'iros: expected an object with cache (false, "no-cache" or "no-store"), max_age and ttl',
+            param="iros",
+            code="invalid_value",
+        )
+    cache = raw.get("cache")
+    if cache is not None and cache is not False and cache not in ("no-cache", "no-store"):
+        raise IrosError(
+            400, 'iros.cache: false, "no-cache" or "no-store"', param="iros.cache", code="invalid_value"
+        )
+    for name in ("max_age", "ttl"):
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise IrosError(
+                400, f"iros.{name}: seconds, 0 or more", param=f"iros.{name}", code="invalid_value"
+            )
+    return raw
+
+
+def _text(message: dict[str, Any]) -> str | None:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content):  # images and audio are not matched by meaning
+            return "\n".join(parts)
+    return None
+
+
+def _digest(view: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(view, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _scoped(namespace: str, digest: str) -> str:
+    return hashlib.sha256(f"{namespace}\0{digest}".encode()).hexdigest()
+
+
+def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:
+    if entry.expires_at is not None and entry.expires_at <= now:
+        return False
+    return plan.max_age is None or now - entry.created_at <= plan.max_age
+
+
+def build_cache(settings: CacheSettings, data_dir: Path) -> ResponseCache:
+    """The configured cache: its store, and for the semantic part the embedder, index and verifier."""
+    store: CacheStore
+    limits = {
+        "max_entries": settings.max_entries,
+        "max_memory_bytes": int(settings.max_memory_mb * 2**20),
+        "ttl_seconds": settings.ttl_seconds,
+        "eviction": settings.eviction,
+    }
+    if settings.store.backend == "redis":
+        from iros.cachestore import RedisCacheStore
+
+        assert settings.store.url is not None  # validated in config
+        store = RedisCacheStore(settings.store.url, settings.store.prefix, **limits)
+    else:
+        from iros.cachestore import SQLiteCacheStore
+
+        path = Path(settings.store.path) if settings.store.path else data_dir / "cache.db"
+        store = SQLiteCacheStore(path, **limits)
+    if not settings.semantic:
+        return ResponseCache(settings, store)
+    from iros.embedder import build_embedder
+    from iros.vectorindex import VectorIndex
+    from iros.verifier import Verifier
+
+    index_path = data_dir / "cache-index.usearch"
+
+    def index(dim: int) -> Any:
+        vectors = VectorIndex(dim, index_path)
+        return vectors
+
+    return ResponseCache(settings, store, build_embedder(settings.embedder), Verifier.load(), index)
