@@ -111,7 +111,15 @@ class ResponseCache:
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.store.start(self)
+        try:
+            await self.store.start(self)
+        except Exception as exc:
+            # Redis down at startup: lookups fail fast and count as misses until it answers again.
+            log.warning(
+                "cache store %s not available at start (%s); serving without it meanwhile",
+                self.store.name,
+                exc,
+            )
         if self.settings.semantic and self.embedder is not None and self.index_factory is not None:
             # Loading the embedding model takes seconds: serve (exact hits included) meanwhile.
             self._loader = asyncio.create_task(self._load_semantic())
@@ -120,15 +128,18 @@ class ResponseCache:
         assert self.embedder is not None and self.index_factory is not None
         try:
             await self.embedder.start()
-            self.index = self.index_factory(self.embedder.dim)
+            index = self.index_factory(self.embedder.dim)
+            # The saved index if there is one; whatever the store holds that it lacks is added.
+            loaded = await asyncio.to_thread(index.load)
             keys, vectors = [], []
             async for entry in self.store.entries():
                 self._remember(entry)
-                if entry.embedding is not None:
+                if entry.embedding is not None and not (loaded and entry.key in index):
                     keys.append(entry.key)
                     vectors.append(entry.embedding)
             if keys:
-                self.index.add_many(keys, np.stack(vectors))
+                await asyncio.to_thread(index.add_many, keys, np.stack(vectors))
+            self.index = index
             self.semantic_ready = True
             log.info("semantic cache ready: %d entries indexed with %s", len(keys), self.embedder.name)
         except Exception:
@@ -519,22 +530,29 @@ def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:
 def build_cache(settings: CacheSettings, data_dir: Path) -> ResponseCache:
     """The configured cache: its store, and for the semantic part the embedder, index and verifier."""
     store: CacheStore
-    limits = {
-        "max_entries": settings.max_entries,
-        "max_memory_bytes": int(settings.max_memory_mb * 2**20),
-        "ttl_seconds": settings.ttl_seconds,
-        "eviction": settings.eviction,
-    }
+    memory = int(settings.max_memory_mb * 2**20)
     if settings.store.backend == "redis":
         from iros.cachestore import RedisCacheStore
 
         assert settings.store.url is not None  # validated in config
-        store = RedisCacheStore(settings.store.url, settings.store.prefix, **limits)
+        store = RedisCacheStore(
+            settings.store.url,
+            settings.store.prefix,
+            max_entries=settings.max_entries,
+            max_memory_bytes=memory,
+            ttl_seconds=settings.ttl_seconds,
+            eviction=settings.eviction,
+        )
     else:
         from iros.cachestore import SQLiteCacheStore
 
-        path = Path(settings.store.path) if settings.store.path else data_dir / "cache.db"
-        store = SQLiteCacheStore(path, **limits)
+        store = SQLiteCacheStore(
+            Path(settings.store.path) if settings.store.path else data_dir / "cache.db",
+            max_entries=settings.max_entries,
+            max_memory_bytes=memory,
+            ttl_seconds=settings.ttl_seconds,
+            eviction=settings.eviction,
+        )
     if not settings.semantic:
         return ResponseCache(settings, store)
     from iros.embedder import build_embedder

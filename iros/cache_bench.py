@@ -65,8 +65,8 @@ class Pair:
     label: int
 
 
-def read_pairs(path: Path, limit: int | None = None) -> list[Pair]:
-    """JSON lines of {"a", "b", "label"}, gzipped or not; the first `limit` of them."""
+def read_pairs(path: Path, limit: int | None = None, offset: int = 0) -> list[Pair]:
+    """JSON lines of {"a", "b", "label"}, gzipped or not: `limit` of them after skipping `offset`."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
@@ -75,7 +75,7 @@ def read_pairs(path: Path, limit: int | None = None) -> list[Pair]:
         for number, line in enumerate(f, 1):
             if limit is not None and len(pairs) >= limit:
                 break
-            if not line.strip():
+            if number <= offset or not line.strip():
                 continue
             try:
                 row = orjson.loads(line)
@@ -225,10 +225,12 @@ async def _lookups(
             else:
                 tally.false_on_negatives += 1
 
-    for start in range(0, len(pairs), CHUNK):
-        batch = pairs[start : start + CHUNK]
+    # Shortest first: texts of similar length pad little in the model's batches (twice the speed).
+    ordered = sorted(pairs, key=lambda p: len(p.b))
+    for start in range(0, len(ordered), CHUNK):
+        batch = ordered[start : start + CHUNK]
         await asyncio.gather(*(one(p) for p in batch))
-        progress(label, start + len(batch), len(pairs))
+        progress(label, start + len(batch), len(ordered))
     return tally, latencies
 
 
@@ -273,6 +275,7 @@ async def cache_quality(
                 plan = _plan(cache, pair.a)
                 own[pair.a] = plan.key
                 plans.append((i, plan))
+        plans.sort(key=lambda entry: len(entry[1].prompt or ""))  # similar lengths batch faster
         await _insert(cache, plans, report)
 
         inner = cache.embedder

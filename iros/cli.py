@@ -296,7 +296,9 @@ PairsOption = Annotated[
 ]
 
 
-def _cache_bench(name: str, pairs: Path | None, limit: int | None, run: Any) -> dict[str, Any]:
+def _cache_bench(
+    name: str, pairs: Path | None, limit: int | None, run: Any, offset: int = 0
+) -> dict[str, Any]:
     """Read the pairs, run one cache bench under a progress bar on stderr, turn its failures into errors."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -307,7 +309,7 @@ def _cache_bench(name: str, pairs: Path | None, limit: int | None, run: Any) -> 
     if limit is not None and limit < 1:
         raise _fail("--limit must be 1 or more")
     try:
-        data = read_pairs(path, limit)
+        data = read_pairs(path, limit, offset)
     except (OSError, ValueError) as exc:
         raise _fail(f"bench {name}: cannot read the pairs: {exc}") from None
     bar = Progress(
@@ -334,13 +336,16 @@ def _cache_bench(name: str, pairs: Path | None, limit: int | None, run: Any) -> 
 @bench_app.command("cache-quality")
 def bench_cache_quality(
     pairs: PairsOption = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N pairs")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N pairs (after --offset)")] = None,
+    offset: Annotated[
+        int, typer.Option(min=0, help="skip the first N lines (the verifier never trained on the last 2000)")
+    ] = 0,
     json_only: Annotated[bool, typer.Option("--json", help="only the JSON: no summary on stderr")] = False,
 ) -> None:
     """Semantic-cache precision and recall: store every a, ask every b; verifier on vs plain cosine."""
     from iros.cache_bench import run_cache_quality
 
-    result = _cache_bench("cache-quality", pairs, limit, run_cache_quality)
+    result = _cache_bench("cache-quality", pairs, limit, run_cache_quality, offset)
     if not json_only:
         plain, targets = result["plain_cosine"], result["targets"]
         err.print(

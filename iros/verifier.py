@@ -12,6 +12,7 @@ if similarity >= verifier.similarity_threshold and verifier.accept(query, cached
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-__all__ = ["FEATURES", "Verifier", "features"]
+__all__ = ["FEATURES", "Featurizer", "Verifier", "parse"]
 
 PACKAGED = "verifier.json"
 
@@ -33,15 +34,24 @@ _CASED = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:'[a-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'"})
 
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
 _NEGATIONS = frozenset(
-    "not no never none nothing nobody nowhere neither nor without cannot cant dont doesnt didnt isnt "
-    "arent wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt".split()
+    _words(
+        "not no never none nothing nobody nowhere neither nor without cannot cant dont doesnt didnt isnt "
+        "arent wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt"
+    )
 )
 _NUMBER_WORDS = {
     w: str(i)
     for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-        "sixteen seventeen eighteen nineteen twenty".split()
+        _words(
+            "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+            "sixteen seventeen eighteen nineteen twenty"
+        )
     )
 }
 _NUMBER_WORDS |= {"first": "1", "second": "2", "third": "3", "hundred": "100", "thousand": "1000"}
@@ -51,6 +61,7 @@ _KINDS = {
     "what": "what",
     "which": "what",
     "whats": "what",
+    "what's": "what",
     "why": "why",
     "how": "how",
     "who": "who",
@@ -60,17 +71,19 @@ _KINDS = {
     "where": "where",
 }
 _YES_NO = frozenset(
-    "can could should would will shall may might must is are am was were do does did has have had".split()
+    _words("can could should would will shall may might must is are am was were do does did has have had")
 )
 _STOP = frozenset(
-    """a an the and or but if then so of to in on at by for with from into onto about as than that this
+    _words(
+        """a an the and or but if then so of to in on at by for with from into onto about as than that this
     these those there here it its it's i i'm me my mine we our ours you your yours he him his she her hers
     they them their what which who whom whose why how when where whats can could should would will shall
     may might must is are am was were be been being do does did doing has have had having get got getting
     any some all also just very really much many more most such own same other another each every one's
-    own please best good way ways thing things someone something anyone anything people person quora""".split()
+    own please best good way ways thing things someone something anyone anything people person quora"""
+    )
 )
-# Adjacent features compare each side's kind of question: "how" vs "how much" is a different question.
+# "How much" asks for something else than "how": the kind of question keeps the word after "how".
 _HOW_QUANTITY = frozenset({"much", "many", "long", "far", "old", "big", "often", "tall", "fast"})
 
 FEATURES: tuple[str, ...] = (
@@ -81,6 +94,11 @@ FEATURES: tuple[str, ...] = (
     "missing_candidate",
     "missing_max",
     "missing_count",
+    "idf_missing_query",
+    "idf_missing_candidate",
+    "idf_missing_top",
+    "idf_jaccard",
+    "idf_total_min",
     "number_mismatch",
     "number_only_one_side",
     "negation_mismatch",
@@ -150,9 +168,10 @@ def parse(text: str) -> Parsed:
         if w in _NUMBER_WORDS:
             numbers.add(_NUMBER_WORDS[w])
             continue
+        w = w.removesuffix("'s")
         if w in _STOP or w.isdigit():
             continue
-        content.add(_stem(w.removesuffix("'s")))
+        content.add(_stem(w))
     cased = _CASED.findall(text)
     entities = frozenset(
         w.lower().removesuffix("'s")
@@ -164,7 +183,7 @@ def parse(text: str) -> Parsed:
     return Parsed(
         words=words,
         content=frozenset(content),
-        bigrams=frozenset(zip(stems, stems[1:], strict=False)),
+        bigrams=frozenset(itertools.pairwise(stems)),
         numbers=frozenset(numbers),
         negations=negations,
         entities=entities,
@@ -178,49 +197,69 @@ def _jaccard(x: frozenset[Any], y: frozenset[Any]) -> float:
     return len(x & y) / union if union else 1.0
 
 
-def features(query: str, candidate: str, similarity: float) -> npt.NDArray[np.float64]:
-    """The verifier's inputs for one (query, cached question, cosine) triple, in FEATURES order."""
-    q, c = parse(query), parse(candidate)
-    only_q, only_c = q.content - c.content, c.content - q.content
-    missing_q = len(only_q) / len(q.content) if q.content else 0.0
-    missing_c = len(only_c) / len(c.content) if c.content else 0.0
-    # A name counts as missing only if the other side does not use the word at all, capitalised or not.
-    q_words, c_words = set(q.words), set(c.words)
-    ent_missing = len({e for e in q.entities if e not in c_words}) + len(
-        {e for e in c.entities if e not in q_words}
-    )
-    ent_total = len(q.entities | c.entities)
-    nq, nc = len(q.words), len(c.words)
-    return np.array(
-        [
-            similarity,
-            similarity * similarity,
-            _jaccard(q.content, c.content),
-            missing_q,
-            missing_c,
-            max(missing_q, missing_c),
-            min(len(only_q) + len(only_c), 8),
-            float(q.numbers != c.numbers),
-            float(bool(q.numbers) != bool(c.numbers)),
-            float((q.negations > 0) != (c.negations > 0)),
-            min(ent_missing, 4),
-            ent_missing / ent_total if ent_total else 0.0,
-            float(q.kind != c.kind),
-            float(q.words[:1] != c.words[:1]),
-            min(nq, nc) / max(nq, nc, 1),
-            min(len(q.content), len(c.content), 12),
-            _jaccard(q.chars, c.chars),
-            _jaccard(q.bigrams, c.bigrams),
-        ],
-        dtype=np.float64,
-    )
+class Featurizer:
+    """Computes FEATURES; `idf` weighs words by how rare they are in questions (unknown words: `rare`)."""
+
+    def __init__(self, idf: dict[str, float], rare: float) -> None:
+        self.idf = idf
+        self.rare = rare
+
+    def _weight(self, words: frozenset[str]) -> float:
+        idf, rare = self.idf, self.rare
+        return sum(idf.get(w, rare) for w in words)
+
+    def __call__(self, query: str, candidate: str, similarity: float) -> npt.NDArray[np.float64]:
+        """The inputs for one (query, cached question, cosine) triple, in FEATURES order."""
+        q, c = parse(query), parse(candidate)
+        only_q, only_c = q.content - c.content, c.content - q.content
+        missing_q = len(only_q) / len(q.content) if q.content else 0.0
+        missing_c = len(only_c) / len(c.content) if c.content else 0.0
+        weight = self._weight
+        wq, wc = weight(q.content), weight(c.content)
+        w_only_q, w_only_c = weight(only_q), weight(only_c)
+        w_union = wq + wc - (wq - w_only_q)
+        idf, rare = self.idf, self.rare
+        top = max((idf.get(w, rare) for w in only_q | only_c), default=0.0)
+        # A name counts as missing only if the other side does not use the word at all, capitalised or not.
+        q_words, c_words = set(q.words), set(c.words)
+        ent_missing = sum(e not in c_words for e in q.entities) + sum(e not in q_words for e in c.entities)
+        ent_total = len(q.entities | c.entities)
+        nq, nc = len(q.words), len(c.words)
+        return np.array(
+            [
+                similarity,
+                similarity * similarity,
+                _jaccard(q.content, c.content),
+                missing_q,
+                missing_c,
+                max(missing_q, missing_c),
+                min(len(only_q) + len(only_c), 8),
+                w_only_q / wq if wq else 0.0,
+                w_only_c / wc if wc else 0.0,
+                top,
+                (wq - w_only_q) / w_union if w_union else 1.0,
+                min(wq, wc),
+                float(q.numbers != c.numbers),
+                float(bool(q.numbers) != bool(c.numbers)),
+                float((q.negations > 0) != (c.negations > 0)),
+                min(ent_missing, 4),
+                ent_missing / ent_total if ent_total else 0.0,
+                float(q.kind != c.kind),
+                float(q.words[:1] != c.words[:1]),
+                min(nq, nc) / max(nq, nc, 1),
+                min(len(q.content), len(c.content), 12),
+                _jaccard(q.chars, c.chars),
+                _jaccard(q.bigrams, c.bigrams),
+            ],
+            dtype=np.float64,
+        )
 
 
 class Verifier:
-    """Scores (query, candidate, similarity) with the trained model in verifier.json.
+    """Scores (query, candidate, similarity) with the gradient-boosted trees in verifier.json.
 
     `threshold` is the decision threshold on the score, chosen by cross-validation for precision;
-    `similarity_threshold` is the cosine a candidate needs before the verifier is asked at all.
+    `similarity_threshold` is the cosine the training recommends a candidate needs before it is asked.
     """
 
     def __init__(self, params: dict[str, Any]) -> None:
@@ -232,55 +271,44 @@ class Verifier:
         self.threshold = float(params["threshold"])
         self.similarity_threshold = float(params["similarity_threshold"])
         self.metrics: dict[str, Any] = params.get("metrics", {})
-        model = params["model"]
-        self.kind: str = model["kind"]
-        self._mean = np.asarray(model["mean"], np.float64)
-        self._scale = np.asarray(model["scale"], np.float64)
-        if self.kind == "logistic":
-            self._coef = np.asarray(model["coef"], np.float64)
-            self._intercept = float(model["intercept"])
-        elif self.kind == "trees":
-            # Every tree padded to the same node count; leaves point at themselves.
-            self._feature = np.asarray(model["feature"], np.int64)
-            self._split = np.asarray(model["split"], np.float64)
-            self._left = np.asarray(model["left"], np.int64)
-            self._right = np.asarray(model["right"], np.int64)
-            self._value = np.asarray(model["value"], np.float64)
-            self._depth = int(model["depth"])
-            self._base = float(model["base"])
-            self._rate = float(model["learning_rate"])
-        else:
-            raise ValueError(f"unknown verifier model kind {self.kind!r}")
+        self.features = Featurizer(params["idf"]["words"], float(params["idf"]["rare"]))
+        trees = params["model"]
+        if trees.get("kind") != "trees":
+            raise ValueError(f"unknown verifier model kind {trees.get('kind')!r}")
+        # Every tree padded to the same node count; leaves lead to themselves, so `depth` steps reach
+        # a leaf from the root in every tree at once.
+        self._feature = np.asarray(trees["feature"], np.intp)
+        self._split = np.asarray(trees["split"], np.float64)
+        self._left = np.asarray(trees["left"], np.intp)
+        self._right = np.asarray(trees["right"], np.intp)
+        self._value = np.asarray(trees["value"], np.float64)
+        self._depth = int(trees["depth"])
+        self._base = float(trees["base"])
+        self._trees = np.arange(len(self._feature))[None, :]
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Verifier:
+        """The packaged verifier.json, or another file written by iros.verifier_train."""
         if path is None:
             raw = resources.files("iros").joinpath(PACKAGED).read_bytes()
         else:
             raw = Path(path).read_bytes()
         return cls(orjson.loads(raw))
 
-    def features(self, query: str, candidate: str, similarity: float) -> npt.NDArray[np.float64]:
-        return features(query, candidate, similarity)
-
     def _scores(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        z = (x - self._mean) / self._scale
-        if self.kind == "logistic":
-            logit = z @ self._coef + self._intercept
-        else:
-            rows = np.arange(len(self._feature))[None, :]
-            node = np.zeros((len(z), len(self._feature)), np.int64)
-            for _ in range(self._depth):
-                f = self._feature[rows, node]
-                go_left = np.take_along_axis(z, f, axis=1) <= self._split[rows, node]
-                node = np.where(go_left, self._left[rows, node], self._right[rows, node])
-            logit = self._base + self._rate * self._value[rows, node].sum(axis=1)
+        trees = self._trees
+        node = np.zeros((len(x), trees.shape[1]), np.intp)
+        for _ in range(self._depth):
+            feature = self._feature[trees, node]
+            go_left = np.take_along_axis(x, feature, axis=1) <= self._split[trees, node]
+            node = np.where(go_left, self._left[trees, node], self._right[trees, node])
+        logit = self._base + self._value[trees, node].sum(axis=1)
         out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logit))
         return out
 
     def score(self, query: str, candidate: str, similarity: float) -> float:
-        """Probability-like: how likely serving the candidate's answer is right."""
-        return float(self._scores(features(query, candidate, similarity)[None, :])[0])
+        """Probability-like: how likely the candidate asks the same as the query."""
+        return float(self._scores(self.features(query, candidate, similarity)[None, :])[0])
 
     def accept(self, query: str, candidate: str, similarity: float) -> bool:
         return self.score(query, candidate, similarity) >= self.threshold
@@ -288,10 +316,10 @@ class Verifier:
     def score_many(
         self, query: str, candidates: Sequence[str], similarities: Sequence[float]
     ) -> npt.NDArray[np.float64]:
-        """Scores for several candidates of one query, in one model call."""
+        """Scores for several candidates of one query, in one pass over the trees."""
         if not candidates:
             return np.empty(0, np.float64)
-        x = np.stack([features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
+        x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
         return self._scores(x)
 
     def accept_many(
