@@ -31,6 +31,7 @@ import orjson
 
 from iros.cache import Plan, ResponseCache, build_cache
 from iros.config import load_settings
+from iros.embedder import default_threads
 from iros.schema import parse_request
 from iros.types import Embedder
 
@@ -410,7 +411,8 @@ async def cache_latency(
             "embedder": {
                 "name": getattr(model, "name", None),
                 "device": getattr(model, "device", None),
-                "threads": getattr(model, "threads", None),
+                # The local model's own setting, else what it defaults to: half the cores.
+                "threads": getattr(model, "threads", None) or default_threads(),
             },
             "targets": {
                 "exact_hit_p50_ms": TARGET_EXACT_P50_MS,

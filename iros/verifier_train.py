@@ -461,7 +461,9 @@ def report(
 CURVE_RECALLS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
 
 
-def precision_at(score: npt.NDArray[np.float64], found: Candidates, recalls: tuple[float, ...]) -> dict[str, float]:
+def precision_at(
+    score: npt.NDArray[np.float64], found: Candidates, recalls: tuple[float, ...]
+) -> dict[str, float]:
     """Precision where the hits, best score first, first reach each recall."""
     s = np.where(found.counted, score, -np.inf)
     order = np.argsort(-s, kind="stable")
@@ -470,7 +472,9 @@ def precision_at(score: npt.NDArray[np.float64], found: Candidates, recalls: tup
     out = {}
     for r in recalls:
         i = int(np.searchsorted(recall, r))
-        out[f"{r:g}"] = round(float(true[i] / (i + 1)), 4) if i < len(order) and np.isfinite(s[order[i]]) else 0.0
+        out[f"{r:g}"] = (
+            round(float(true[i] / (i + 1)), 4) if i < len(order) and np.isfinite(s[order[i]]) else 0.0
+        )
     return out
 
 
