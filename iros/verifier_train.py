@@ -19,6 +19,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def embed_texts(texts: list[str], model: str = PACKAGED_MODEL) -> npt.NDArray[np
         digest.update(b"\0")
     path = _cache_dir() / f"embeddings-{digest.hexdigest()[:16]}.npy"
     if path.exists():
-        return np.load(path)
+        cached: npt.NDArray[np.float32] = np.load(path)
+        return cached
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     st = load_local_model(model, "auto", threads=os.cpu_count() or 1)
@@ -438,7 +440,11 @@ def cosine_at_recall(found: Candidates, recall: float) -> dict[str, float | int]
 
 
 def report(
-    found: Candidates, score: npt.NDArray[np.float64], sim: float, cut: float, parts: list[Candidates] = ()
+    found: Candidates,
+    score: npt.NDArray[np.float64],
+    sim: float,
+    cut: float,
+    parts: Sequence[Candidates] = (),
 ) -> dict[str, Any]:
     accept = (found.similarity >= sim) & (score >= cut)
     mine = figures(found, accept)
