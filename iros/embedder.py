@@ -196,6 +196,11 @@ class _Front:
     def _closed(self) -> bool:
         return self.state == "closed"
 
+    def _failed_start(self) -> None:
+        # start() may be tried again, unless aclose() came meanwhile.
+        if not self._closed():
+            self.state = "new"
+
     @property
     def batches(self) -> int:
         """Model (or server) calls so far: fewer than embed() calls when callers were batched."""
@@ -314,11 +319,10 @@ class LocalEmbedder(_Front):
             model = await loop.run_in_executor(
                 self._thread, load_local_model, self.settings.model, self.settings.device, self.threads
             )
-        except EmbedderError:
-            self.state = "new"
-            raise
         except Exception as exc:
-            self.state = "new"
+            self._failed_start()
+            if isinstance(exc, EmbedderError):
+                raise
             raise EmbedderError(f"cannot load embedding model {self.settings.model!r}: {exc!r}") from exc
         if self._closed():  # aclose() while loading
             return
@@ -391,8 +395,10 @@ class OpenAIEmbedder(_Front):
             # The probe checks the endpoint and the key, and tells the dimension.
             await self._encode(["ping"])
         except EmbedderError:
-            self.state = "new"
+            self._failed_start()
             raise
+        if self._closed():
+            return
         self._batcher.start()
         self.state = "ready"
 

@@ -13,6 +13,7 @@ if similarity >= verifier.similarity_threshold and verifier.accept(query, cached
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ PACKAGED = "verifier.json"
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _CASED = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:'[a-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_CLAUSE = re.compile(r"[^?.!]+(?:[?!]+|\.(?=\s|$)|$)")
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'"})
 
 
@@ -83,6 +85,21 @@ _STOP = frozenset(
     own please best good way ways thing things someone something anyone anything people person quora"""
     )
 )
+# Words that point at something the text does not hold ("this picture", "the following code"): two such
+# questions can read the same and still ask about different things.
+_DEIXIS = frozenset(_words("this these following attached above below pictured shown given"))
+_CONTRAST = frozenset(_words("outside except excluding besides instead apart rather unlike versus vs"))
+_PERSONS = {
+    **dict.fromkeys(_words("i me my mine myself i'm i've i'd"), "1"),
+    **dict.fromkeys(_words("you your yours yourself you're you've"), "2"),
+    **dict.fromkeys(_words("we us our ours ourselves"), "1p"),
+}
+_FEMALE = frozenset(
+    _words("girl girls woman women female females lady ladies wife girlfriend mother daughter sister she her")
+)
+_MALE = frozenset(
+    _words("boy boys man men male males guy guys husband boyfriend father son brother he him his")
+)
 # "How much" asks for something else than "how": the kind of question keeps the word after "how".
 _HOW_QUANTITY = frozenset({"much", "many", "long", "far", "old", "big", "often", "tall", "fast"})
 
@@ -106,6 +123,14 @@ FEATURES: tuple[str, ...] = (
     "entity_missing_share",
     "kind_mismatch",
     "first_word_differs",
+    "deixis_both",
+    "contrast_mismatch",
+    "gender_mismatch",
+    "unmatched_spelling",
+    "clauses_differ",
+    "order_agreement",
+    "words_differ",
+    "person_mismatch",
     "length_ratio",
     "content_words_min",
     "char_jaccard",
@@ -125,6 +150,12 @@ class Parsed:
     entities: frozenset[str]  # lowercase forms of capitalised words past the first
     kind: str
     chars: frozenset[str]  # character trigrams of the lowercase text
+    deixis: bool
+    contrast: bool
+    gender: frozenset[str]  # "f", "m": whom the question is about, when it says
+    clauses: int  # questions or sentences in the text
+    persons: frozenset[str]  # grammatical persons the question speaks in: "1", "2", "1p"
+    order: dict[str, int]  # content word -> where it first appears
 
 
 def _stem(word: str) -> str:
@@ -152,7 +183,8 @@ def _kind(words: Sequence[str]) -> str:
     return "other"
 
 
-@lru_cache(maxsize=65536)
+# Cached questions are parsed once; bounded, as each Parsed holds a few kB of trigrams.
+@lru_cache(maxsize=4096)
 def parse(text: str) -> Parsed:
     text = text.translate(_APOSTROPHES)
     lower = text.lower()
@@ -188,8 +220,42 @@ def parse(text: str) -> Parsed:
         negations=negations,
         entities=entities,
         kind=_kind(words),
-        chars=frozenset(squeezed[i : i + 3] for i in range(max(len(squeezed) - 2, 0))),
+        chars=_trigrams(squeezed),
+        deixis=not _DEIXIS.isdisjoint(words),
+        contrast=not _CONTRAST.isdisjoint(words),
+        gender=frozenset(g for g, group in (("f", _FEMALE), ("m", _MALE)) if not group.isdisjoint(words)),
+        clauses=max(1, len(_CLAUSE.findall(text.strip()))),
+        persons=frozenset(_PERSONS[w] for w in words if w in _PERSONS),
+        order={w: i for i, w in reversed(list(enumerate(stems))) if w in content},
     )
+
+
+def _trigrams(text: str) -> frozenset[str]:
+    return frozenset(text[i : i + 3] for i in range(max(len(text) - 2, 0)))
+
+
+@lru_cache(maxsize=16384)
+def _word_trigrams(word: str) -> frozenset[str]:
+    return _trigrams(f" {word} ")
+
+
+def _order(q: dict[str, int], c: dict[str, int]) -> float:
+    """Share of shared word pairs that come in the same order on both sides ("A to B" vs "B to A")."""
+    shared = sorted((q[w], c[w]) for w in q.keys() & c.keys())
+    pairs = same = 0
+    for i, (_, ci) in enumerate(shared):
+        for _, cj in shared[i + 1 :]:
+            pairs += 1
+            same += ci < cj
+    return same / pairs if pairs else 1.0
+
+
+def _spelling(only_q: frozenset[str], only_c: frozenset[str]) -> float:
+    """How close each unmatched word comes to one on the other side in spelling (1: all are variants)."""
+    if not only_q or not only_c:
+        return 0.0
+    best = [max(_jaccard(_word_trigrams(w), _word_trigrams(v)) for v in only_c) for w in only_q]
+    return min(best)
 
 
 def _jaccard(x: frozenset[Any], y: frozenset[Any]) -> float:
@@ -206,7 +272,8 @@ class Featurizer:
 
     def _weight(self, words: frozenset[str]) -> float:
         idf, rare = self.idf, self.rare
-        return sum(idf.get(w, rare) for w in words)
+        # fsum is exact, so the result does not depend on the set's (per-process) iteration order.
+        return math.fsum(idf.get(w, rare) for w in words)
 
     def __call__(self, query: str, candidate: str, similarity: float) -> npt.NDArray[np.float64]:
         """The inputs for one (query, cached question, cosine) triple, in FEATURES order."""
@@ -246,6 +313,14 @@ class Featurizer:
                 ent_missing / ent_total if ent_total else 0.0,
                 float(q.kind != c.kind),
                 float(q.words[:1] != c.words[:1]),
+                float(q.deixis and c.deixis),
+                float(q.contrast != c.contrast),
+                float(q.gender != c.gender),
+                _spelling(only_q, only_c),
+                min(abs(q.clauses - c.clauses), 3),
+                _order(q.order, c.order),
+                min(len(q_words ^ c_words), 10),
+                float(q.persons != c.persons),
                 min(nq, nc) / max(nq, nc, 1),
                 min(len(q.content), len(c.content), 12),
                 _jaccard(q.chars, c.chars),
@@ -271,6 +346,10 @@ class Verifier:
         self.threshold = float(params["threshold"])
         self.similarity_threshold = float(params["similarity_threshold"])
         self.metrics: dict[str, Any] = params.get("metrics", {})
+        # (precision, score threshold, recall) measured in cross-validation, most precise last.
+        self.operating_points: list[dict[str, float]] = sorted(
+            params.get("operating_points", []), key=lambda p: p["precision"]
+        )
         self.features = Featurizer(params["idf"]["words"], float(params["idf"]["rare"]))
         trees = params["model"]
         if trees.get("kind") != "trees":
@@ -285,6 +364,15 @@ class Verifier:
         self._depth = int(trees["depth"])
         self._base = float(trees["base"])
         self._trees = np.arange(len(self._feature))[None, :]
+
+    def threshold_for(self, precision: float) -> float:
+        """The score threshold cross-validation found for at least this precision (the nearest above).
+
+        Raises ValueError when no measured operating point is that precise."""
+        for point in self.operating_points:
+            if point["precision"] >= precision:
+                return float(point["threshold"])
+        raise ValueError(f"no measured operating point reaches precision {precision}")
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Verifier:

@@ -290,7 +290,7 @@ def semantic(
 class TestSemantic:
     def test_a_paraphrase_is_a_semantic_hit(self, semantic: IrosProcess) -> None:
         ask(semantic, question("What are the health benefits of drinking green tea?"))
-        hit = ask(semantic, question("What are the benefits of drinking green tea for health?"))
+        hit = ask(semantic, question("What are some health benefits of drinking green tea?"))
         assert hit.headers["x-iros-cache"] == "semantic_hit"
 
     def test_a_different_question_on_the_same_topic_is_a_miss(self, semantic: IrosProcess) -> None:
@@ -338,7 +338,7 @@ def test_two_replicas_share_one_redis_cache(
             assert ask(one, body).headers["x-iros-cache"] == "miss"
             assert ask(two, body).headers["x-iros-cache"] == "hit"
             # The second replica's vector index heard of the entry through the Redis stream.
-            paraphrase = question("What are the benefits of drinking green tea for health?")
+            paraphrase = question("What are some health benefits of drinking green tea?")
             assert ask(two, paraphrase).headers["x-iros-cache"] == "semantic_hit"
             redis.stop()
             down = ask(one, question("Redis is down now"))
