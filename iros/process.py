@@ -84,29 +84,36 @@ class ChildProcess:
             raise
         return self
 
+    def _probe(self) -> str | None:
+        """None when the process answers its health check, else what it answered."""
+        try:
+            with urllib.request.urlopen(self.url + self.health, timeout=1.0) as response:
+                return None if response.status == 200 else f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return f"HTTP {exc.code}"
+        except OSError as exc:
+            return str(exc)
+
+    def _probed(self) -> str:
+        return f"{self.url}{self.health}"
+
     def _wait_healthy(self, timeout: float) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        last = "no answer"
+        last: str | None = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ProcessFailed(
                     f"{self.name} exited with status {self.proc.returncode} while starting; its output:\n"
                     f"{self.output_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(self.url + self.health, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-                exc.close()
-            except OSError as exc:
-                last = str(exc)
+            last = self._probe()
+            if last is None:
+                return
             time.sleep(0.05)
         raise ProcessFailed(
-            f"{self.name} did not answer {self.url}{self.health} within {timeout:g}s (last: {last}); "
+            f"{self.name} did not answer {self._probed()} within {timeout:g}s (last: {last}); "
             f"its output:\n{self.output_tail()}"
         )
 
