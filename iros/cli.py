@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,6 +127,26 @@ def serve(
     )
 
 
+def _step_progress() -> tuple[Any, Callable[[str, float, float], None]]:
+    """A transient rich progress bar on stderr and the (description, done, total) callback that moves it."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("starting", total=None)
+
+    def progress(description: str, done: float, total: float) -> None:
+        bar.update(task, description=description, completed=done, total=total)
+
+    return bar, progress
+
+
 def _has_uvloop() -> bool:
     try:
         import uvloop  # noqa: F401
@@ -228,24 +249,11 @@ def bench_tsdb(
     import sqlite3
     import tempfile
 
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
     from iros.tsdb_bench import run_tsdb_bench
 
     if samples < 1 or series < 1:
         raise _fail("--samples and --series must each be 1 or more")
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    task = bar.add_task("starting", total=None)
-
-    def progress(description: str, done: float, total: float) -> None:
-        bar.update(task, description=description, completed=done, total=total)
+    bar, progress = _step_progress()
 
     try:
         with bar:
@@ -300,7 +308,6 @@ def _cache_bench(
     name: str, pairs: Path | None, limit: int | None, run: Any, offset: int = 0
 ) -> dict[str, Any]:
     """Read the pairs, run one cache bench under a progress bar on stderr, turn its failures into errors."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from iros.cache_bench import DEFAULT_PAIRS, read_pairs
     from iros.process import ProcessFailed
@@ -312,18 +319,7 @@ def _cache_bench(
         data = read_pairs(path, limit, offset)
     except (OSError, ValueError) as exc:
         raise _fail(f"bench {name}: cannot read the pairs: {exc}") from None
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    task = bar.add_task("starting", total=None)
-
-    def progress(description: str, done: float, total: float) -> None:
-        bar.update(task, description=description, completed=done, total=total)
+    bar, progress = _step_progress()
 
     try:
         with bar:
