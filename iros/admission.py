@@ -58,9 +58,19 @@ class Admission:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
+    def set_limit(self, limit: int) -> None:
+        """Change how many run at once, live; a raise hands the new slots to waiters straight away."""
+        self.limit = limit
+        while self.active < self.limit and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
     def release(self) -> None:
-        # Hand the slot straight to the next live waiter, so `active` never dips and lets a newcomer jump.
-        while self._waiters:
+        # Hand the slot straight to the next live waiter, so `active` never dips and lets a newcomer jump;
+        # unless the limit was lowered meanwhile, then the slot goes away.
+        while self._waiters and self.active <= self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)

@@ -9,6 +9,12 @@ cache.save(plan, completion, upstream_ms)                # after a good answer; 
 Scope of a semantic match: the namespace (tenant), the model and everything in the request but the
 last user turn must be identical (the `context` hash), so a follow-up in another conversation never
 matches. Answers warmed by an admin live in a shared namespace every tenant reads after its own.
+
+The semantic rule (one rule, live-tunable through `similarity_threshold`): of the verifier's
+`neighbours` nearest cached questions in scope whose cosine is at least the threshold, the verifier
+(verifier.py) scores each and the best is served if it reaches the verifier's cut. The query's token
+embeddings come from the same forward pass as its vector; each entry's (projected, float16) are kept
+in memory from when it was stored, or computed once when an entry came from the store or a replica.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from iros import cache_replay
 from iros.config import CacheSettings
 from iros.errors import IrosError
 from iros.schema import ParsedRequest
@@ -37,8 +44,10 @@ log = logging.getLogger("iros.cache")
 
 SHARED = "_shared"  # the namespace of admin-warmed answers, read by every tenant after its own
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
+# Token embeddings kept for the verifier (about 10 kB an entry: 14 tokens of 384 float16): the most
+# recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
+MAX_TOKEN_BYTES = 128 * 2**20
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
-REPLAY_PIECE = 24  # characters per replayed stream chunk
 # Fields that change how an answer is delivered or billed, not what it says: not part of the key.
 _DELIVERY = frozenset({"stream", "stream_options", "user", "metadata", "iros", "store", "service_tier"})
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
@@ -58,6 +67,7 @@ class Plan:
     max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
+    tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
 
     @property
     def key(self) -> str:
@@ -94,6 +104,9 @@ class ResponseCache:
         self.semantic_ready = False
         self._contexts: dict[str, str] = {}  # entry key -> its context, to filter index candidates
         self._prompts: dict[str, str] = {}  # entry key -> its prompt, for the verifier
+        # entry key -> its prompt's token embeddings as the verifier keeps them (LRU, MAX_TOKEN_BYTES).
+        self._tokens: OrderedDict[str, np.ndarray[Any, Any]] = OrderedDict()
+        self._token_bytes = 0
         self._saves: set[asyncio.Task[None]] = set()
         self._loader: asyncio.Task[None] | None = None
         self.misses: Counter[tuple[str, str]] = Counter()  # (model, prompt) of recent misses, for warming
@@ -172,6 +185,7 @@ class ResponseCache:
     def removed(self, key: str) -> None:
         self._contexts.pop(key, None)
         self._prompts.pop(key, None)
+        self._drop_tokens(key)
         if self.index is not None:
             self.index.remove(key)
 
@@ -229,6 +243,8 @@ class ResponseCache:
             plan.write,
             plan.max_age,
             plan.ttl,
+            plan.embedding,
+            plan.tokens,
         )
 
     # --- lookup -------------------------------------------------------------------------------
@@ -250,10 +266,60 @@ class ResponseCache:
         self._missed(plan)
         return None
 
+    async def _embed(self, texts: list[str]) -> tuple[np.ndarray[Any, Any], list[Any] | None]:
+        """Vectors, and the verifier's projection of each text's tokens where the embedder gives them."""
+        assert self.embedder is not None
+        embed_tokens = getattr(self.embedder, "embed_tokens", None)
+        wants_tokens = (
+            self.settings.verifier
+            and self.verifier is not None
+            and getattr(self.verifier, "tokens", None) is not None
+        )
+        if not wants_tokens or embed_tokens is None:
+            return await self.embedder.embed(texts), None
+        encoded = await embed_tokens(texts)
+        if encoded.tokens is None:
+            return encoded.vectors, None
+        return encoded.vectors, [self.verifier.project(t) for t in encoded.tokens]
+
+    def _keep_tokens(self, key: str, tokens: np.ndarray[Any, Any] | None) -> None:
+        if tokens is None:
+            return
+        self._drop_tokens(key)
+        self._tokens[key] = tokens
+        self._token_bytes += tokens.nbytes
+        while self._token_bytes > MAX_TOKEN_BYTES and len(self._tokens) > 1:
+            _, old = self._tokens.popitem(last=False)
+            self._token_bytes -= old.nbytes
+
+    def _drop_tokens(self, key: str) -> None:
+        old = self._tokens.pop(key, None)
+        if old is not None:
+            self._token_bytes -= old.nbytes
+
+    async def _candidate_tokens(self, keys: list[str]) -> list[Any] | None:
+        """The kept token projections of these entries; those missing (entries that came from the store
+        or another replica) are embedded once, together, and kept."""
+        found = [self._tokens.get(key) for key in keys]
+        missing = [i for i, tokens in enumerate(found) if tokens is None]
+        if missing:
+            _, computed = await self._embed([self._prompts.get(keys[i], "") for i in missing])
+            if computed is None:
+                return None
+            for i, tokens in zip(missing, computed, strict=True):
+                found[i] = tokens
+                self._keep_tokens(keys[i], tokens)
+        for key in keys:
+            if key in self._tokens:
+                self._tokens.move_to_end(key)
+        return found
+
     async def _semantic(self, plan: Plan, now: float) -> Hit | None:
         assert self.embedder is not None and self.index is not None and plan.prompt is not None
-        vector = (await self.embedder.embed([plan.prompt]))[0]
+        vectors, tokens = await self._embed([plan.prompt])
+        vector = vectors[0]
         plan.embedding = vector
+        plan.tokens = tokens[0] if tokens else None
         contexts = {plan.context, self.shared(plan).context}
         matches = [
             (key, similarity)
@@ -262,17 +328,32 @@ class ResponseCache:
         ]
         if not matches:
             return None
-        key, similarity = matches[0]
-        bin_ = min(int(max(similarity, 0.0) * 20), 19)
-        if similarity < self.threshold:
+        bin_ = min(int(max(matches[0][1], 0.0) * 20), 19)
+        verify = self.verifier is not None and self.settings.verifier
+        # The verifier chooses among its `neighbours` nearest above the threshold; plain cosine takes
+        # the nearest.
+        width = int(getattr(self.verifier, "neighbours", 1)) if verify else 1
+        above = [(key, similarity) for key, similarity in matches[:width] if similarity >= self.threshold]
+        if not above:
             self.similarity_bins["below_threshold"][bin_] += 1
             return None
-        if self.verifier is not None and self.settings.verifier:
-            candidate = self._prompts.get(key, "")
-            if not self.verifier.accept(plan.prompt, candidate, similarity):
+        key, similarity = above[0]
+        if verify:
+            keys = [k for k, _ in above]
+            candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
+            decision = self.verifier.decide(
+                plan.prompt,
+                [self._prompts.get(k, "") for k in keys],
+                [s for _, s in above],
+                plan.tokens,
+                candidate_tokens,
+            )
+            if decision.index is None:
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
                 return None
+            key, similarity = above[decision.index]
+            bin_ = min(int(max(similarity, 0.0) * 20), 19)
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
@@ -328,9 +409,10 @@ class ResponseCache:
         await self._save(plan, completion, upstream_ms, served_by)
 
     async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
-        embedding = plan.embedding
+        embedding, tokens = plan.embedding, plan.tokens
         if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
-            embedding = (await self.embedder.embed([plan.prompt]))[0]
+            vectors, projected = await self._embed([plan.prompt])
+            embedding, tokens = vectors[0], projected[0] if projected else None
         found = completion.get("usage")
         usage: dict[str, Any] = found if isinstance(found, dict) else {}
         now = time.time()
@@ -348,6 +430,8 @@ class ResponseCache:
             upstream_ms=upstream_ms,
             embedding=embedding,
         )
+        # Kept before the store tells the index, so a lookup that finds the entry finds its tokens.
+        self._keep_tokens(entry.key, tokens)
         await self.store.put(entry)
         self.counts["saved"] += 1
 
@@ -362,98 +446,18 @@ class ResponseCache:
             self.counts["store_errors"] += 1
             log.warning("cache write failed: %s", task.exception())
 
-    # --- replay -------------------------------------------------------------------------------
+    # --- replay (cache_replay.py) ------------------------------------------------------------
     @staticmethod
     def replay_json(hit: Hit, request_id: str) -> bytes:
-        completion = orjson.loads(hit.entry.body)
-        completion["id"] = f"chatcmpl-{request_id}"
-        completion["created"] = int(time.time())
-        return orjson.dumps(completion)
+        return cache_replay.replay_json(hit, request_id)
 
     @staticmethod
     def replay_chunks(hit: Hit, request_id: str, include_usage: bool) -> list[bytes]:
-        """The cached answer as the data of server-sent events, ending with the usage chunk if asked."""
-        completion = orjson.loads(hit.entry.body)
-        base = {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": completion.get("model"),
-        }
-        if completion.get("system_fingerprint") is not None:
-            base["system_fingerprint"] = completion["system_fingerprint"]
-        chunks: list[bytes] = []
-
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return orjson.dumps(
-                {
-                    **base,
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                }
-            )
-
-        for choice in completion.get("choices") or []:
-            index = choice.get("index", 0)
-            message = choice.get("message") or {}
-            chunks.append(chunk(index, {"role": message.get("role", "assistant"), "content": ""}))
-            content = message.get("content") or ""
-            for start in range(0, len(content), REPLAY_PIECE):
-                chunks.append(chunk(index, {"content": content[start : start + REPLAY_PIECE]}))
-            if message.get("tool_calls"):
-                calls = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
-                chunks.append(chunk(index, {"tool_calls": calls}))
-            chunks.append(chunk(index, {}, choice.get("finish_reason")))
-        if include_usage and completion.get("usage") is not None:
-            chunks.append(orjson.dumps({**base, "choices": [], "usage": completion["usage"]}))
-        return chunks
+        return cache_replay.replay_chunks(hit, request_id, include_usage)
 
     @staticmethod
     def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
-        """A streamed answer put back together as a completion, or None if it cannot be faithfully."""
-        choices: dict[int, dict[str, Any]] = {}
-        first: dict[str, Any] | None = None
-        usage = None
-        for raw in chunks:
-            try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return None
-            if not isinstance(data, dict):
-                return None
-            first = first or data
-            if isinstance(data.get("usage"), dict):
-                usage = data["usage"]
-            for choice in data.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if "tool_calls" in delta or "function_call" in delta:
-                    return None  # partial tool calls are not put back together: not cached
-                slot = choices.setdefault(
-                    choice.get("index", 0), {"role": "assistant", "content": [], "finish_reason": None}
-                )
-                if delta.get("role"):
-                    slot["role"] = delta["role"]
-                if delta.get("content"):
-                    slot["content"].append(delta["content"])
-                if choice.get("finish_reason"):
-                    slot["finish_reason"] = choice["finish_reason"]
-        if first is None or not choices:
-            return None
-        return {
-            "id": first.get("id"),
-            "object": "chat.completion",
-            "created": first.get("created"),
-            "model": first.get("model"),
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": slot["role"], "content": "".join(slot["content"])},
-                    "logprobs": None,
-                    "finish_reason": slot["finish_reason"],
-                }
-                for i, slot in sorted(choices.items())
-            ],
-            "usage": usage,
-        }
+        return cache_replay.assemble(chunks)
 
     # --- control ------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
@@ -532,7 +536,7 @@ def build_cache(settings: CacheSettings, data_dir: Path) -> ResponseCache:
     store: CacheStore
     memory = int(settings.max_memory_mb * 2**20)
     if settings.store.backend == "redis":
-        from iros.cachestore import RedisCacheStore
+        from iros.stores.redis import RedisCacheStore
 
         assert settings.store.url is not None  # validated in config
         store = RedisCacheStore(
@@ -544,7 +548,7 @@ def build_cache(settings: CacheSettings, data_dir: Path) -> ResponseCache:
             eviction=settings.eviction,
         )
     else:
-        from iros.cachestore import SQLiteCacheStore
+        from iros.stores.sqlite import SQLiteCacheStore
 
         store = SQLiteCacheStore(
             Path(settings.store.path) if settings.store.path else data_dir / "cache.db",

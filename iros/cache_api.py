@@ -13,30 +13,34 @@ import asyncio
 import time
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from iros.auth import KeyRing, Role
+from iros.auth import AdminAPI, KeyRing
 from iros.cache import ResponseCache
-from iros.errors import IrosError
+from iros.errors import IrosError, bad
 from iros.gateway import Gateway
+from iros.tuning import Tuning, floor_threshold
 
 TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
 MAX_WARM = 1000  # prompts per warm call
 
 
-def bad(message: str, param: str | None = None) -> IrosError:
-    return IrosError(400, message, param=param, code="invalid_parameter")
-
-
-class CacheAPI:
+class CacheAPI(AdminAPI):
     def __init__(self, gateway: Gateway, keyring: KeyRing) -> None:
         assert gateway.cache is not None
+        super().__init__(keyring)
         self.gateway = gateway
         self.cache: ResponseCache = gateway.cache
-        self.keyring = keyring
+        # Changes go through the live settings object the optimizer uses too (and is audited by).
+        if gateway.tuning is None:
+            gateway.tuning = Tuning(gateway.settings)
+            gateway.tuning.bind(gateway.admission, gateway.cache)
+        self.tuning: Tuning = gateway.tuning
+
+    async def _set(self, changes: dict[str, Any]) -> None:
+        await self.tuning.set(changes, "api:cache/tune")
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -48,18 +52,6 @@ class CacheAPI:
             Route("/api/analysis/cache/hit-patterns", self.hit_patterns, methods=["GET"]),
             Route("/api/analysis/cache/efficiency", self.efficiency, methods=["GET"]),
         ]
-
-    def _admin(self, request: Request) -> None:
-        self.keyring.authenticate(request.headers.get("authorization"), Role.ADMIN)
-
-    async def _json(self, request: Request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            raise bad("the body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise bad("the body must be a JSON object")
-        return body
 
     async def status(self, request: Request) -> Response:
         self._admin(request)
@@ -74,7 +66,7 @@ class CacheAPI:
     # --- tune ---------------------------------------------------------------------------------
     async def tune(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json(request)
+        body = await self._json_object(request)
         known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
@@ -84,7 +76,7 @@ class CacheAPI:
         floor = self.floor_threshold()
         if "similarity_threshold" in body:
             value = _number(body, "similarity_threshold", 0.0, 1.0)
-            self.cache.threshold = value
+            await self._set({"cache.similarity_threshold": value})
             changes["similarity_threshold"] = value
             if value < floor:
                 notes.append(
@@ -100,7 +92,7 @@ class CacheAPI:
                 notes.append("no lookups yet: the threshold stays until there is a hit rate to compare")
             elif current < target:
                 # More hits means a lower threshold, but never below the precision floor's threshold.
-                self.cache.threshold = max(round(before - TUNE_STEP, 4), floor)
+                await self._set({"cache.similarity_threshold": max(round(before - TUNE_STEP, 4), floor)})
                 if self.cache.threshold == before:
                     notes.append(
                         f"hit rate {current} is under the target {target}, but the threshold is at the "
@@ -108,23 +100,22 @@ class CacheAPI:
                         "(warming, longer TTL, more memory), not a looser match"
                     )
             elif current > target + 0.05:
-                self.cache.threshold = min(round(before + TUNE_STEP, 4), 1.0)
+                await self._set({"cache.similarity_threshold": min(round(before + TUNE_STEP, 4), 1.0)})
             changes["target_hit_rate"] = target
             changes["similarity_threshold"] = self.cache.threshold
             changes["hit_rate_before"] = current
         if "max_memory_mb" in body or "ttl" in body:
+            limits: dict[str, Any] = {}
             if "max_memory_mb" in body:
-                settings.max_memory_mb = _number(body, "max_memory_mb", 1.0, 1e7)
-                changes["max_memory_mb"] = settings.max_memory_mb
+                limits["cache.max_memory_mb"] = changes["max_memory_mb"] = _number(
+                    body, "max_memory_mb", 1.0, 1e7
+                )
             if "ttl" in body:
                 ttl = body["ttl"]
                 if ttl is not None:
                     ttl = _number(body, "ttl", 1.0, 1e9)
-                settings.ttl_seconds = ttl
-                changes["ttl"] = ttl
-            await self.cache.store.set_limits(
-                settings.max_entries, int(settings.max_memory_mb * 2**20), settings.ttl_seconds
-            )
+                limits["cache.ttl_seconds"] = changes["ttl"] = ttl
+            await self._set(limits)  # the live settings object applies the store's new limits
         return JSONResponse(
             {
                 "applied": changes,
@@ -138,18 +129,12 @@ class CacheAPI:
     def floor_threshold(self) -> float:
         """The lowest similarity threshold whose measured precision (the verifier's cross-validation
         curve) stays at or above the precision floor; the configured threshold without a curve."""
-        verifier = self.cache.verifier
-        curve = getattr(verifier, "curve", None) if verifier is not None else None
-        if not curve:
-            return self.cache.settings.similarity_threshold
-        floor = self.cache.settings.precision_floor
-        passing = [p["similarity_threshold"] for p in curve if p["precision"] >= floor]
-        return min(passing) if passing else 1.0
+        return floor_threshold(self.cache)
 
     # --- warm ---------------------------------------------------------------------------------
     async def warm(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json(request)
+        body = await self._json_object(request)
         params = body.get("params") or {}
         if not isinstance(params, dict) or "messages" in params or "model" in params or "stream" in params:
             raise bad("params: an object of request parameters (temperature, max_tokens, ...)", "params")

@@ -226,6 +226,16 @@ _DEFS = (
         "queue_length", "requests", "requests waiting for a slot", "system", "gauge", "iros_queue_length"
     ),
     MetricDef(
+        "backend_queue_length",
+        "requests",
+        "requests waiting for one of a model deployment's connections (its max_connections)",
+        "system",
+        "gauge",
+        "iros_backend_queue_length",
+        1.0,
+        ("deployment",),
+    ),
+    MetricDef(
         "event_loop_lag_ms",
         "ms",
         "how late the event loop runs a timer: a saturated process shows it first",
@@ -233,6 +243,18 @@ _DEFS = (
         "gauge",
         "iros_event_loop_lag_seconds",
         1000.0,
+    ),
+    # Bottleneck analysis: each request's time per pipeline stage (spans.STAGES, plus `other` for
+    # time between laps and `embedding`, `metering` measured beside the pipeline; see collector.py).
+    MetricDef(
+        "stage_ms",
+        "ms",
+        "time a request spent in one pipeline stage",
+        "core",
+        "response",
+        "iros_stage_duration_seconds",
+        1000.0,
+        ("stage",),
     ),
 )
 

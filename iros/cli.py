@@ -1,11 +1,14 @@
-"""The `iros` command: serve, mock-upstream, config, bench."""
+"""The `iros` command: serve, mock-upstream, config, bench (cli_bench.py), export, report, version.
+
+iros serve --config iros.yaml --workers 2
+iros config check iros.yaml
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +17,9 @@ import typer
 from rich.console import Console
 
 from iros import __version__
-from iros.config import ConfigError, Settings, load_settings
+from iros.cli_bench import bench_app
+from iros.cli_common import ConfigOption, err, fail, load_config
+from iros.config import ConfigError
 
 app = typer.Typer(
     help="Iros: an OpenAI-compatible gateway that makes LLM responses faster, cheaper and observable.",
@@ -23,32 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Check and show configuration.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print JSON figures.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
-err = Console(stderr=True)
-
 WORKER_OVERRIDES_ENV = "IROS_WORKER_OVERRIDES"
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (default: the embedded demo config)", envvar="IROS_CONFIG"
-    ),
-]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _load(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
-    try:
-        return load_settings(config, overrides)
-    except ConfigError as exc:
-        raise _fail(f"{exc}\n(check a file with: iros config check FILE)") from None
 
 
 def _setup_logging(level: str) -> None:
@@ -72,7 +55,7 @@ def serve(
         k: v for k, v in {"host": host, "port": port, "log_level": log_level}.items() if v
     }
     overrides = {"server": server} if server else None
-    settings = _load(config, overrides)
+    settings = load_config(config, overrides)
     _setup_logging(settings.server.log_level)
 
     import uvicorn
@@ -94,7 +77,7 @@ def serve(
         try:
             application = create_app(settings)
         except ConfigError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
     s = settings.server
     base = f"http://{s.host}:{s.port}"
     err.print(
@@ -127,26 +110,6 @@ def serve(
     )
 
 
-def _step_progress() -> tuple[Any, Callable[[str, float, float], None]]:
-    """A transient rich progress bar on stderr and the (description, done, total) callback that moves it."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    task = bar.add_task("starting", total=None)
-
-    def progress(description: str, done: float, total: float) -> None:
-        bar.update(task, description=description, completed=done, total=total)
-
-    return bar, progress
-
-
 def _has_uvloop() -> bool:
     try:
         import uvloop  # noqa: F401
@@ -171,12 +134,12 @@ def mock_upstream(
     from iros.simulation import PROFILES
 
     if profile not in PROFILES:
-        raise _fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+        raise fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     key = None
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
-            raise _fail(f"--api-key-env {api_key_env}: that environment variable is not set")
+            raise fail(f"--api-key-env {api_key_env}: that environment variable is not set")
     _setup_logging("warning")
     err.print(f"simulated model ({profile}) on http://{host}:{port}/v1", highlight=False)
     mock.run(host, port, profile, key)
@@ -185,7 +148,7 @@ def mock_upstream(
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="the YAML file to check")]) -> None:
     """Validate a config file; every problem is listed with the field it is in."""
-    settings = _load(file)
+    settings = load_config(file)
     err.print(
         f"[green]ok[/]: {file} — {len(settings.models)} deployments of {len(settings.model_names())} models",
         highlight=False,
@@ -197,204 +160,71 @@ def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration (file plus environment), secrets redacted, as JSON."""
     from iros.app import redacted
 
-    typer.echo(orjson.dumps(redacted(_load(config)), option=orjson.OPT_INDENT_2).decode())
+    typer.echo(orjson.dumps(redacted(load_config(config)), option=orjson.OPT_INDENT_2).decode())
 
 
-@bench_app.command("overhead")
-def bench_overhead(
-    concurrency: Annotated[str, typer.Option(help="comma-separated client concurrencies")] = "1,16,64",
-    duration: Annotated[float, typer.Option(help="seconds of measured load per concurrency and path")] = 10.0,
-    warmup: Annotated[float, typer.Option(help="seconds of unmeasured load before each run")] = 2.0,
-    output: Annotated[Path | None, typer.Option(help="also write the JSON to this file")] = None,
-    metrics_baseline: Annotated[
-        bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
-    ] = False,
-) -> None:
-    """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
-    from iros.bench import BenchError, check_tools, run_overhead
+# --- iros export: the dashboard and alert rules for a Prometheus + Grafana stack -----------------------
+export_app = typer.Typer(
+    help="Write the dashboard and alert rules for Grafana and Prometheus.", no_args_is_help=True
+)
+app.add_typer(export_app, name="export")
+OutputOption = Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")]
 
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        typer.echo(text)
+        return
     try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise _fail(
-            f"--concurrency {concurrency!r}: give whole numbers separated by commas, e.g. 1,16,64"
-        ) from None
-    if not levels or min(levels) < 1:
-        raise _fail("--concurrency needs at least one number, each 1 or more")
-    if duration <= 0:
-        raise _fail("--duration must be more than 0 seconds")
-    try:
-        check_tools()
-        result = run_overhead(levels, duration, warmup=warmup, metrics_baseline=metrics_baseline)
-    except BenchError as exc:
-        raise _fail(str(exc)) from None
-    text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
-    typer.echo(text)
-    if output:
         output.write_text(text + "\n")
+    except OSError as exc:
+        raise fail(f"cannot write {output}: {exc.strerror}; pick a writable path with --output") from None
+    err.print(f"wrote {output}", highlight=False)
 
 
-@bench_app.command("tsdb")
-def bench_tsdb(
-    samples: Annotated[int, typer.Option(help="samples to write, spread over the last 30 days")] = 2_000_000,
-    series: Annotated[int, typer.Option(help="series (label sets) the samples are spread over")] = 12,
-    directory: Annotated[
-        Path | None,
-        typer.Option(
-            "--dir", help="where to build the database (default: a temporary directory, removed after)"
-        ),
+@export_app.command("grafana")
+def export_grafana(config: ConfigOption = None, output: OutputOption = None) -> None:
+    """A Grafana dashboard JSON with the dashboard's panels over Iros's Prometheus metrics."""
+    from iros.export import grafana_dashboard
+
+    dashboard = grafana_dashboard(load_config(config))
+    _emit(orjson.dumps(dashboard, option=orjson.OPT_INDENT_2).decode(), output)
+
+
+@export_app.command("prometheus-rules")
+def export_prometheus_rules(config: ConfigOption = None, output: OutputOption = None) -> None:
+    """The enabled alert rules as a Prometheus rule file (rules with no PromQL twin are listed, skipped)."""
+    import yaml
+
+    from iros.export import prometheus_rules
+
+    rules, skipped = prometheus_rules(load_config(config))
+    for rule in skipped:
+        err.print(f"[yellow]skipped[/] {rule['name']}: {rule['reason']}", highlight=False)
+    _emit(yaml.safe_dump(rules, sort_keys=False, width=1000), output)
+
+
+@app.command("report")
+def report(
+    kind: Annotated[str, typer.Argument(help="daily or weekly")],
+    config: ConfigOption = None,
+    end: Annotated[
+        str | None, typer.Option(help="period end: 2024-01-02, an ISO time or unix seconds; default now")
     ] = None,
+    html_file: Annotated[
+        Path | None, typer.Option("--html", help="also write a self-contained HTML report with charts here")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
-    """The embedded metrics store (SQLite): ingest rate, query time per dashboard range, size per sample."""
-    import sqlite3
-    import tempfile
-
-    from iros.tsdb_bench import run_tsdb_bench
-
-    if samples < 1 or series < 1:
-        raise _fail("--samples and --series must each be 1 or more")
-    bar, progress = _step_progress()
+    """A daily or weekly performance report from the configured metrics store (analysis, issue 8)."""
+    from iros.report_cli import run_report
 
     try:
-        with bar:
-            if directory is None:
-                with tempfile.TemporaryDirectory(prefix="iros-bench-tsdb-") as tmp:
-                    result = run_tsdb_bench(Path(tmp), samples=samples, series=series, progress=progress)
-            else:
-                result = run_tsdb_bench(directory, samples=samples, series=series, progress=progress)
-    except (OSError, sqlite3.Error, RuntimeError) as exc:
-        raise _fail(f"bench tsdb: {exc}") from None
-    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-
-
-@bench_app.command("collector")
-def bench_collector(
-    responses: Annotated[int, typer.Option(help="synthetic responses to collect")] = 50_000,
-    rate: Annotated[float, typer.Option(help="requests per second the batches are sized for")] = 3000.0,
-) -> None:
-    """CPU that metrics collection (collector and SQLite store) spends per response, in-process."""
-    import sqlite3
-
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    from iros.collector_bench import run_collector_bench
-
-    if responses < 1 or rate <= 0:
-        raise _fail("--responses must be 1 or more and --rate above 0")
-    bar = Progress(
-        TextColumn("[bold]collecting"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=err
-    )
-    task = bar.add_task("collecting", total=responses)
-    try:
-        with bar:
-            result = run_collector_bench(
-                responses=responses, rate=rate, progress=lambda n: bar.advance(task, n)
-            )
-    except (OSError, sqlite3.Error) as exc:
-        raise _fail(f"bench collector: {exc}") from None
-    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-
-
-PairsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--pairs",
-        help="JSON lines (gzipped or not) of {a, b, label} (default: ../shared/data/qqp/dev.jsonl.gz)",
-    ),
-]
-
-
-def _cache_bench(
-    name: str, pairs: Path | None, limit: int | None, run: Any, offset: int = 0
-) -> dict[str, Any]:
-    """Read the pairs, run one cache bench under a progress bar on stderr, turn its failures into errors."""
-
-    from iros.cache_bench import DEFAULT_PAIRS, read_pairs
-    from iros.process import ProcessFailed
-
-    path = pairs or DEFAULT_PAIRS
-    if limit is not None and limit < 1:
-        raise _fail("--limit must be 1 or more")
-    try:
-        data = read_pairs(path, limit, offset)
-    except (OSError, ValueError) as exc:
-        raise _fail(f"bench {name}: cannot read the pairs: {exc}") from None
-    bar, progress = _step_progress()
-
-    try:
-        with bar:
-            result: dict[str, Any] = run(data, progress)
-    except (OSError, ValueError, RuntimeError, ProcessFailed) as exc:
-        raise _fail(f"bench {name}: {exc}") from None
-    return result
-
-
-@bench_app.command("cache-quality")
-def bench_cache_quality(
-    pairs: PairsOption = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N pairs (after --offset)")] = None,
-    offset: Annotated[
-        int, typer.Option(min=0, help="skip the first N lines (the verifier never trained on the last 2000)")
-    ] = 0,
-    json_only: Annotated[bool, typer.Option("--json", help="only the JSON: no summary on stderr")] = False,
-) -> None:
-    """Semantic-cache precision and recall: store every a, ask every b; verifier on vs plain cosine."""
-    from iros.cache_bench import run_cache_quality
-
-    result = _cache_bench("cache-quality", pairs, limit, run_cache_quality, offset)
-    if not json_only:
-        plain, targets = result["plain_cosine"], result["targets"]
-        err.print(
-            f"threshold {result['threshold']}: verifier precision {result['precision']} "
-            f"recall {result['recall']}; plain cosine precision {plain['precision']} "
-            f"recall {plain['recall']} (targets: precision ≥ {targets['precision']}, "
-            f"recall ≥ {targets['recall']})",
-            highlight=False,
-        )
-    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-
-
-@bench_app.command("cache-latency")
-def bench_cache_latency(
-    pairs: PairsOption = None,
-    entries: Annotated[int, typer.Option(min=1, help="paraphrase pairs whose a is stored")] = 1000,
-    duration: Annotated[float, typer.Option(help="seconds of lookups per concurrency level")] = 3.0,
-) -> None:
-    """Exact and semantic hit latency in-process, and semantic lookups/s at concurrency 1, 8 and 32."""
-    from iros.cache_bench import run_cache_latency
-
-    if duration <= 0:
-        raise _fail("--duration must be more than 0 seconds")
-
-    def run(data: Any, progress: Any) -> dict[str, Any]:
-        return run_cache_latency(data, progress, entries=entries, duration=duration)
-
-    result = _cache_bench("cache-latency", pairs, None, run)
-    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-
-
-@bench_app.command("workload")
-def bench_workload(
-    pairs: PairsOption = None,
-    requests: Annotated[int, typer.Option(min=1, help="requests in the stream")] = 2000,
-    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 16,
-    profile: Annotated[str, typer.Option(help="the simulated model's latency profile")] = "lightweight",
-    seed: Annotated[int, typer.Option(help="seed of the stream")] = 7,
-) -> None:
-    """A Zipf stream of repeated, paraphrased and one-off questions through `iros serve`, cache on vs off."""
-    from iros.cache_bench import run_workload
-    from iros.simulation import PROFILES
-
-    if profile not in PROFILES:
-        raise _fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-
-    def run(data: Any, progress: Any) -> dict[str, Any]:
-        return run_workload(
-            data, requests=requests, concurrency=concurrency, profile=profile, seed=seed, progress=progress
-        )
-
-    result = _cache_bench("workload", pairs, None, run)
-    typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        run_report(load_config(config), kind, end, html_file, as_json, Console(), err)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot write the report: {exc}") from None
 
 
 @app.command()

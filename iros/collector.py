@@ -4,6 +4,7 @@ The gateway's observer only appends the finished RequestRecord to a bounded dequ
 happens off the request path, every INGEST_SECONDS, in slices: records become ResponseMetrics,
 samples per series, histogram observations, one Sketch per series for the live window, and a batch
 for the time-series store. System metrics are sampled every collection_interval_seconds.
+(ResponseMetrics and its labels: response_metrics.py; the relevance score: relevance.py.)
 
 collector = Collector(settings, models, store, exposition, sampler)
 gateway.observers.append(collector.observe)
@@ -13,26 +14,26 @@ await collector.start(); ...; await collector.close()
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 
 from iros.catalog import METRICS, OTHER, Group
 from iros.config import MetricsSettings
 from iros.exposition import Exposition, observe_many
-from iros.gateway import RequestRecord
+from iros.periodic import cancel_all, every
+from iros.relevance import relevance
+from iros.request_record import RequestRecord
+from iros.response_metrics import OUTCOMES, ResponseMetrics, code_label, outcome_of, response_metrics
 from iros.sampler import SystemMetrics, SystemSampler
 from iros.sketch import Sketch
+from iros.spans import STAGES
 from iros.types import MetricsStore, Samples, SeriesKey
 
 log = logging.getLogger("iros.metrics")
@@ -43,38 +44,12 @@ RECENT_IDS = 100_000  # request ids remembered for feedback
 RECENT_PER_TICK = 10  # ResponseMetrics kept per slice, for /api/metrics/current
 INGEST_SECONDS = 0.2  # how often pending records are taken in
 INGEST_SLICE = 1000  # records taken in between two yields to the event loop (a few ms of work)
+# stage_ms labels: the pipeline's laps, `other` (time between laps: stream headers, error replies),
+# and stages timed beside the pipeline: `embedding` (inside cache) and `metering` (this ingest, amortised).
+PIPELINE_STAGES = (*STAGES, "retry")
+SIDE_STAGES = frozenset({"embedding", "metering"})
 
 Floats = npt.NDArray[np.float64]
-
-
-@dataclass(slots=True)
-class ResponseMetrics:
-    """The seed's ResponseMetrics for one response (plus the fields the KPIs need)."""
-
-    request_id: str
-    timestamp: float
-    response_time: float  # ms, request received to last byte
-    cpu_usage: float  # % of this response's time that Iros spent on CPU (see Collector.ingest)
-    memory_usage: int  # Iros resident bytes at the latest system sample
-    gpu_usage: float | None
-    cache_hit: bool
-    model_used: str
-    content_length: int
-    optimization_applied: tuple[str, ...]
-    user_satisfaction: float | None = None
-    status: int = 0
-    outcome: str = "ok"
-    cache: str = "bypass"
-    stream: bool = False
-    overhead_ms: float = 0.0
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    max_gap_ms: float | None = None
-    stalls: int | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    principal: str = "-"
-    relevance: float | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -97,16 +72,6 @@ _PER_MODEL = (
     "relevance",
     "tpot_ms",
 )
-
-
-def outcome_of(status: int) -> str:
-    if status < 400:
-        return "ok"
-    if status == 499:
-        return "cancelled"
-    if status == 429 or status >= 500:
-        return "server_error"
-    return "client_error"
 
 
 class Collector:
@@ -143,6 +108,7 @@ class Collector:
         self._loop_lag = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[Callable[[], None]] = []
+        self._side: deque[tuple[str, float, float]] = deque(maxlen=MAX_PENDING)
 
     @staticmethod
     def groups_for(settings: MetricsSettings) -> set[Group]:
@@ -164,37 +130,30 @@ class Collector:
             self.dropped += 1
         pending.append(record)
 
+    def note_stage(self, stage: str, ms: float) -> None:
+        """A stage timed beside the pipeline (an embedding call); taken in with the next ingest."""
+        if stage in SIDE_STAGES:
+            self._side.append((stage, time.time(), ms))
+
     def on_tick(self, listener: Callable[[], None]) -> None:
         """Call `listener` every live_interval_seconds (the live hub publishes then)."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._every(INGEST_SECONDS, self.ingest)),
-            asyncio.create_task(self._every(self.settings.live_interval_seconds, self.publish)),
-            asyncio.create_task(self._every(self.settings.collection_interval_seconds, self.sample_system)),
+            asyncio.create_task(every(INGEST_SECONDS, self.ingest, log, "metrics")),
+            asyncio.create_task(every(self.settings.live_interval_seconds, self.publish, log, "metrics")),
+            asyncio.create_task(
+                every(self.settings.collection_interval_seconds, self.sample_system, log, "metrics")
+            ),
             asyncio.create_task(self._watch_loop_lag()),
         ]
         await self.sample_system()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         await self.tick()
         self.sampler.close()
-
-    async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                result = job()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("metrics job %s failed", getattr(job, "__name__", job))
 
     async def _watch_loop_lag(self) -> None:
         # A timer that fires late measures how saturated the event loop is.
@@ -229,13 +188,24 @@ class Collector:
             self.dropped = 0
         if records:
             rows = list(records)
+            metering = 0.0
             total_overhead = sum(r.spans.overhead_ns() for r in rows) / 1e6 or 1.0
             # Often and in slices, yielding between them: a busy second's records in one go would hold
             # the event loop for milliseconds that every request in flight would wait out.
             for i in range(0, len(rows), INGEST_SLICE):
                 if i:
                     await asyncio.sleep(0)
+                began = time.perf_counter()
                 self._ingest(rows[i : i + INGEST_SLICE], spent_ms / total_overhead)
+                metering += time.perf_counter() - began
+            self.note_stage("metering", metering * 1000 / len(rows))
+        if self._side:
+            side, self._side = self._side, deque(maxlen=MAX_PENDING)
+            for stage in SIDE_STAGES:
+                taken = [(at, ms) for name, at, ms in side if name == stage]
+                if taken:
+                    at, ms = np.array(taken).T
+                    self._extend("stage_ms", (("stage", stage),), at, ms, (stage,))
         self.responses += len(records)
         parts, self._batch = self._batch, {}
         if parts:
@@ -260,49 +230,6 @@ class Collector:
                 model = self._model_of[record.deployment] = record.deployment.rsplit("#", 1)[0]
             return model
         return record.model if record.model in self.models else OTHER
-
-    def _response_metrics(
-        self, record: RequestRecord, cpu_ms: float, overhead_ms: float, system: SystemMetrics | None
-    ) -> ResponseMetrics:
-        spans = record.spans
-        total_ms = spans.total_ns / 1e6
-        cache = record.cache
-        hit = cache.endswith("hit")
-        optimizations: tuple[str, ...] = ()
-        if hit or record.attempts > 1 or record.stream:
-            optimizations = _optimizations(record)
-        usage = record.usage
-        metrics = ResponseMetrics(
-            record.request_id,
-            record.started_at + total_ms / 1000,
-            total_ms,
-            100.0 * cpu_ms / total_ms if total_ms > 0 else 0.0,
-            system.process_memory_bytes if system else 0,
-            system.gpu_utilization if system else None,
-            hit,
-            self._model_label(record),
-            record.body_bytes,
-            optimizations,
-            None,
-            record.status,
-            _OUTCOMES.get(record.status) or outcome_of(record.status),
-            cache,
-            record.stream,
-            overhead_ms,
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-            principal=record.principal,
-        )
-        if record.first_chunk_ns:
-            metrics.ttft_ms = (record.first_chunk_ns - spans.start) / 1e6
-            metrics.max_gap_ms = record.max_gap_ns / 1e6
-            metrics.stalls = record.stalls
-            tokens = metrics.completion_tokens or record.chunks
-            if tokens > 1:
-                metrics.tpot_ms = (record.last_chunk_ns - record.first_chunk_ns) / 1e6 / (tokens - 1)
-        if record.sampled and metrics.outcome == "ok":
-            metrics.relevance = relevance(record)
-        return metrics
 
     def _add(self, name: str, labels: tuple[tuple[str, str], ...], ts: float, value: float) -> None:
         self._extend(name, labels, np.array([ts]), np.array([value]), tuple(v for _, v in labels))
@@ -358,14 +285,14 @@ class Collector:
         models = [self._model_label(r) for r in records]
         caches = [r.cache for r in records]
         statuses = [r.status for r in records]
-        outcomes = [_OUTCOMES.get(code) or outcome_of(code) for code in statuses]
+        outcomes = [OUTCOMES.get(code) or outcome_of(code) for code in statuses]
         self._ids.update(zip([r.request_id for r in records], models, strict=True))
         self._forget()
-        for labels, count in Counter(zip(models, map(_code, statuses), caches, strict=True)).items():
+        for labels, count in Counter(zip(models, map(code_label, statuses), caches, strict=True)).items():
             expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
         system = self.sampler.latest
         self.recent.extend(
-            self._response_metrics(records[i], float(cpu_ms[i]), float(overhead[i]), system)
+            response_metrics(records[i], models[i], float(cpu_ms[i]), float(overhead[i]), system)
             for i in range(max(0, n - RECENT_PER_TICK), n)
         )
 
@@ -388,6 +315,7 @@ class Collector:
             self._extend("response_time_ms", series, ts[idx], total_ms[idx], (model, cache, outcome))
             if outcome == "ok":
                 answered.setdefault(model, []).append(idx)
+        self._stages(records, ts, total_ms, np.array([o != "cancelled" for o in outcomes]))
         for model, parts in answered.items():
             idx = np.concatenate(parts)
             for name in self._series:
@@ -400,6 +328,25 @@ class Collector:
                     tokens = int(columns[name][idx].sum())
                     if tokens:
                         expo.child(expo.tokens, (model, kind)).inc(tokens)  # type: ignore[attr-defined]
+
+    def _stages(
+        self, records: list[RequestRecord], ts: Floats, total_ms: Floats, keep: npt.NDArray[np.bool_]
+    ) -> None:
+        """stage_ms per pipeline stage; `other` is the time no lap claimed: stages sum to the total."""
+        idx = np.flatnonzero(keep)
+        if not idx.size:
+            return
+        spans = [records[i].spans.durations for i in idx]
+        ts, total = ts[idx], total_ms[idx]
+        accounted = np.zeros(idx.size)
+        for stage in PIPELINE_STAGES:
+            ns = np.fromiter((d.get(stage, -1) for d in spans), np.float64, idx.size)
+            present = ns >= 0
+            if present.any():
+                ms = ns[present] / 1e6
+                accounted[present] += ms
+                self._extend("stage_ms", (("stage", stage),), ts[present], ms, (stage,))
+        self._extend("stage_ms", (("stage", "other"),), ts, np.maximum(total - accounted, 0.0), ("other",))
 
     def _columns(self, records: list[RequestRecord], table: Floats, total_ms: Floats) -> dict[str, Floats]:
         """Per-response values by series name; NaN where a response has none (TTFT of a non-stream)."""
@@ -492,77 +439,3 @@ class Collector:
 
 def _joined(parts: list[Floats]) -> Floats:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _code(status: int) -> str:
-    # Bounded: the statuses Iros sends, anything else by class.
-    return _CODES.get(status) or f"{status // 100}xx"
-
-
-_CODES = {
-    s: str(s) for s in (200, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504)
-}
-_OUTCOMES = {s: outcome_of(s) for s in _CODES}
-
-
-def _optimizations(record: RequestRecord) -> tuple[str, ...]:
-    applied = []
-    if record.cache.endswith("hit"):
-        applied.append(f"cache_{record.cache}")
-    if record.attempts > 1:
-        applied.append("failover" if "retry" not in record.spans.durations else "retry")
-    if record.stream:
-        applied.append("streaming")
-    return tuple(applied)
-
-
-_WORD = re.compile(r"[a-z0-9]+")
-_STOP_WORDS = (
-    "a an and are as at be by can could do does for from had has have how i in is it its me my of on or "
-    "should so than that the their them then there these they this to was we were what when where which "
-    "who why will with would you your"
-)
-_STOP = frozenset(_STOP_WORDS.split())
-
-
-def relevance(record: RequestRecord) -> float | None:
-    """Question-answer relevance: the share of the question's content words the answer takes up.
-
-    A lexical measure, cheap enough to run on a sample of responses off the request path.
-    """
-    question = _last_user_text(record.payload)
-    answer = _answer_text(record)
-    if not question or answer is None:
-        return None
-    asked = {w for w in _WORD.findall(question.lower()) if w not in _STOP}
-    if not asked:
-        return None
-    said = set(_WORD.findall(answer.lower()))
-    return len(asked & said) / len(asked)
-
-
-def _last_user_text(payload: dict[str, Any] | None) -> str | None:
-    for message in reversed((payload or {}).get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return None
-
-
-def _answer_text(record: RequestRecord) -> str | None:
-    try:
-        if record.answer is not None:
-            return str(record.answer["choices"][0]["message"].get("content") or "")
-        if record.chunk_log is not None:
-            parts = []
-            for raw in record.chunk_log:
-                choices = orjson.loads(raw).get("choices") or []
-                if choices:
-                    parts.append((choices[0].get("delta") or {}).get("content") or "")
-            return "".join(parts)
-    except (KeyError, IndexError, TypeError, AttributeError, orjson.JSONDecodeError):
-        return None
-    return None

@@ -20,8 +20,8 @@ from typing import Any
 from iros.admission import Admission
 from iros.collector import INGEST_SECONDS
 from iros.config import load_settings
-from iros.gateway import RequestRecord
 from iros.monitor import Monitor
+from iros.request_record import RequestRecord
 from iros.spans import Spans
 from iros.tsdb import SQLiteStore
 

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +40,11 @@ class ServerSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="all request headers together; beyond: 431")
+    max_headers: int = Field(100, ge=8, description="request header fields; beyond: 431")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="time for a request body to arrive; beyond: 408"
+    )
     max_concurrency: int = Field(512, ge=1, description="requests served at once; the rest wait in the queue")
     max_queue: int = Field(2048, ge=0, description="requests waiting for a slot; beyond it a 429")
     queue_timeout_seconds: float = Field(30.0, gt=0)
@@ -55,6 +61,9 @@ class KeyEntry(Strict):
     key: str | None = Field(None, repr=False)
     key_env: str | None = None
     key_sha256: str | None = None
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="this key's rate limit; overrides auth.requests_per_minute"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyEntry:
@@ -76,6 +85,12 @@ class AuthSettings(Strict):
     open: bool = False
     api_keys: list[Key] = Field(default_factory=list)
     admin_keys: list[Key] = Field(default_factory=list)
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="model API requests per minute for each key; none: unlimited"
+    )
+    burst: int | None = Field(
+        None, ge=1, description="requests a key may send at once; default: one second of its rate, at least 1"
+    )
 
     @model_validator(mode="after")
     def _some_way_in(self) -> AuthSettings:
@@ -101,6 +116,9 @@ class ModelSettings(Strict):
     tags: list[str] = Field(default_factory=list)
     weight: float = Field(1.0, gt=0)
     max_connections: int = Field(256, ge=1)
+    max_queue: int = Field(
+        256, ge=0, description="requests waiting for one of max_connections; beyond it the next candidate"
+    )
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
     @field_validator("base_url")
@@ -258,9 +276,295 @@ class CacheSettings(Strict):
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
 
 
+class OptimizationCriteria(Strict):
+    """How much each measurement counts when models are scored (the seed's weights; need not sum to 1)."""
+
+    response_time_weight: float = Field(0.4, ge=0)
+    resource_usage_weight: float = Field(0.3, ge=0)
+    accuracy_weight: float = Field(0.3, ge=0)
+
+
+class ModelOptimization(Strict):
+    """The seed's model_optimization block, plus how measurements are averaged and explored."""
+
+    dynamic_selection: bool = Field(True, description="groups and auto pick a model per request by score")
+    performance_based_routing: bool = Field(True, description="live measurements feed the score")
+    load_balancing: bool = Field(True, description="spread a model's deployments by load and latency")
+    optimization_criteria: OptimizationCriteria = Field(default_factory=OptimizationCriteria)
+    balancing: Literal["power_of_two", "least_in_flight"] = "power_of_two"
+    exploration_rate: float = Field(0.05, ge=0, le=1, description="share of requests that try another model")
+    explore_after_seconds: float = Field(
+        30.0, gt=0, description="a model unmeasured this long is tried again (recovered or new)"
+    )
+    moving_average_alpha: float = Field(0.2, gt=0, le=1, description="weight of the newest measurement")
+    prefer_speed: bool = False
+    quality_threshold: float | None = Field(None, ge=0, le=1, description="least accuracy a pick needs")
+
+
+class CircuitBreakerSettings(Strict):
+    failure_threshold: int = Field(5, ge=1, description="failures within the window that open it")
+    window_seconds: float = Field(30.0, gt=0)
+    open_seconds: float = Field(10.0, gt=0, description="how long it stays open before a half-open probe")
+
+
+OptimizationAction = Literal[
+    "enable_aggressive_caching",
+    "switch_to_lightweight_models",
+    "increase_batch_size",
+    "adjust_cache_similarity_threshold",
+    "enable_cache_warming",
+    "increase_cache_size",
+]
+
+
+class OptimizationRule(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    trigger: str = Field(min_length=1, max_length=512, description='e.g. "cpu_usage > 7.0 for 5m"')
+    actions: list[OptimizationAction] = Field(min_length=1, max_length=16)
+    enabled: bool = True
+
+
+def _seed_rules() -> list[OptimizationRule]:
+    # The seed's two rules, verbatim.
+    return [
+        OptimizationRule(
+            name="high_load_optimization",
+            trigger="cpu_usage > 7.0 for 5m",
+            actions=["enable_aggressive_caching", "switch_to_lightweight_models", "increase_batch_size"],
+        ),
+        OptimizationRule(
+            name="low_cache_hit_optimization",
+            trigger="cache_hit_rate < 0.6 for 10m",
+            actions=["adjust_cache_similarity_threshold", "enable_cache_warming", "increase_cache_size"],
+        ),
+    ]
+
+
+class AutoOptimization(Strict):
+    enabled: bool = True
+    dry_run: bool = Field(False, description="evaluate and audit, change nothing")
+    evaluation_interval_seconds: float = Field(15.0, gt=0, le=3600)
+    cooldown_seconds: float = Field(300.0, ge=0, description="a trigger clear this long reverts its actions")
+    optimization_rules: list[OptimizationRule] = Field(default_factory=_seed_rules, max_length=100)
+
+
+class OptimizationSettings(Strict):
+    """The seed's optimization blocks: model selection and routing, and the auto-optimization engine."""
+
+    model_optimization: ModelOptimization = Field(default_factory=ModelOptimization)
+    auto_optimization: AutoOptimization = Field(default_factory=AutoOptimization)
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    single_flight: bool = Field(True, description="identical requests in flight share one upstream call")
+
+
+# --- alerting (the seed's Live Alerting and Alerting and Notifications blocks) -----------------------
+
+
+def _check_duration(value: Any) -> Any:
+    from iros.conditions import ConditionError, parse_duration
+
+    try:
+        parse_duration(value)
+    except ConditionError as exc:
+        raise ValueError(exc.message) from None
+    return value
+
+
+# "2m", "30s", "1h" or a number of seconds.
+Duration = Annotated[str | float, BeforeValidator(_check_duration)]
+
+
+class EmailChannelConfig(Strict):
+    smtp_server: str = Field(description="host:port (port 25 when omitted)")
+    recipients: list[str] = Field(min_length=1, max_length=100)
+    sender: str = "iros@localhost"
+    tls: Literal["none", "starttls", "tls"] = Field(
+        "none", description="starttls upgrades; tls from the start"
+    )
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the SMTP password")
+    validate_certs: bool = True
+    timeout_seconds: float = Field(10.0, gt=0)
+    subject_prefix: str = "[iros]"
+
+
+class SlackChannelConfig(Strict):
+    webhook_url_env: str | None = Field(None, description="environment variable holding the incoming webhook")
+    webhook_url: SecretStr | None = Field(None, description="the webhook itself; prefer webhook_url_env")
+    channel: str | None = None
+    username: str | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> SlackChannelConfig:
+        if bool(self.webhook_url_env) == bool(self.webhook_url):
+            raise ValueError("give exactly one of webhook_url_env or webhook_url")
+        return self
+
+
+class WebhookChannelConfig(Strict):
+    url: SecretStr | None = Field(None, description="receiver URL (Alertmanager webhook payload, version 4)")
+    url_env: str | None = Field(None, description="environment variable holding the URL")
+    bearer_token_env: str | None = None
+    max_alerts: int = Field(
+        0, ge=0, description="alerts per message, 0 = all (the rest counted as truncated)"
+    )
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> WebhookChannelConfig:
+        if bool(self.url) == bool(self.url_env):
+            raise ValueError("give exactly one of url or url_env")
+        return self
+
+
+class AlertmanagerChannelConfig(Strict):
+    url: str = Field(description="Alertmanager base URL; alerts are POSTed to <url>/api/v2/alerts")
+    bearer_token_env: str | None = None
+    resend_interval: Duration = Field(
+        "1m", description="firing alerts are re-sent this often (acknowledged or not), as Prometheus does"
+    )
+    timeout_seconds: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+CHANNEL_CONFIGS: dict[str, type[Strict]] = {
+    "email": EmailChannelConfig,
+    "slack": SlackChannelConfig,
+    "webhook": WebhookChannelConfig,
+    "alertmanager": AlertmanagerChannelConfig,
+}
+
+
+class ChannelSettings(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["email", "slack", "webhook", "alertmanager"]
+    config: dict[str, Any] = Field(default_factory=dict)
+    send_resolved: bool | None = Field(None, description="default: alerting.send_resolved")
+    repeat_interval: Duration | None = Field(None, description="default: alerting.repeat_interval")
+
+    @model_validator(mode="after")
+    def _typed_config(self) -> ChannelSettings:
+        self.config = dict(CHANNEL_CONFIGS[self.type].model_validate(self.config))
+        return self
+
+    def typed(self) -> Any:
+        return CHANNEL_CONFIGS[self.type].model_validate(self.config)
+
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class AlertRuleSettings(Strict):
+    """One rule in the seed's shape; `duration` is Prometheus's `for`."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+    condition: str = Field(min_length=1, max_length=1000)
+    duration: Duration = "0s"
+    severity: Severity = "warning"
+    channels: list[str] | None = Field(None, description="default: alerting.default_channels")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=20)
+    description: str | None = Field(None, max_length=1000)
+    keep_firing_for: Duration | None = Field(None, description="default: alerting.keep_firing_for")
+    hysteresis: float | None = Field(None, ge=0, lt=1, description="default: alerting.hysteresis")
+    enabled: bool = True
+
+    @field_validator("condition")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from iros.conditions import ConditionError, parse_condition
+
+        try:
+            parse_condition(value, allow_for=False)
+        except ConditionError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+
+class AlertRetrySettings(Strict):
+    max_attempts: int = Field(8, ge=1, le=100, description="sends of one notification before it is dropped")
+    backoff_seconds: float = Field(1.0, gt=0)
+    max_backoff_seconds: float = Field(300.0, gt=0)
+
+
+class InhibitRule(Strict):
+    """While an alert matching `source_matchers` fires, alerts matching `target_matchers` with the same
+    `equal` labels notify no one (the default: a critical target rule silences its own warning)."""
+
+    source_matchers: dict[str, str] = Field(default_factory=lambda: {"severity": "critical"})
+    target_matchers: dict[str, str] = Field(default_factory=lambda: {"severity": "warning"})
+    equal: list[str] = Field(default_factory=lambda: ["kpi"])
+
+
+class AlertingSettings(Strict):
+    enabled: bool = True
+    evaluation_interval_seconds: float = Field(15.0, gt=0, le=3600)
+    kpi_window_seconds: float = Field(60.0, gt=0, le=300, description="window of bare KPIs in conditions")
+    channels: list[ChannelSettings] = Field(default_factory=list, max_length=50)
+    alert_rules: list[AlertRuleSettings] = Field(default_factory=list, max_length=500)
+    target_rules: bool = Field(True, description="derive warning/critical rules from performance_targets")
+    target_rule_duration: Duration = "2m"
+    default_channels: list[str] | None = Field(None, description="channels of rules naming none; default all")
+    group_by: list[str] = Field(default_factory=lambda: ["alertname"], max_length=10)
+    group_wait_seconds: float = Field(0.0, ge=0, le=3600, description="first message of a group waits this")
+    repeat_interval: Duration = "4h"
+    send_resolved: bool = True
+    keep_firing_for: Duration = "0s"
+    hysteresis: float = Field(
+        0.0, ge=0, lt=1, description="share of a threshold a value must clear to resolve"
+    )
+    retry: AlertRetrySettings = Field(default_factory=AlertRetrySettings)
+    history_retention_days: float = Field(30.0, gt=0)
+    external_url: str | None = Field(None, description="this Iros as people reach it, for links in messages")
+    inhibit_rules: list[InhibitRule] = Field(
+        default_factory=lambda: [InhibitRule()], max_length=20, description="as Alertmanager's"
+    )
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> AlertingSettings:
+        channels = [c.name for c in self.channels]
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"channel names must be unique: {channels}")
+        rules = [r.name for r in self.alert_rules]
+        if len(set(rules)) != len(rules):
+            raise ValueError(
+                f"alert rule names must be unique: {sorted(n for n in rules if rules.count(n) > 1)}"
+            )
+        for rule in self.alert_rules:
+            for name in rule.channels or []:
+                if name not in channels:
+                    raise ValueError(f"rule {rule.name!r} names channel {name!r}; configured: {channels}")
+        for name in self.default_channels or []:
+            if name not in channels:
+                raise ValueError(f"default_channels names {name!r}; configured: {channels}")
+        return self
+
+
+class LiveAlertingSettings(Strict):
+    """The seed's live_alerting block: its rules join alerting.alert_rules (a rule of the same name
+    there wins) and notify the default channels."""
+
+    enabled: bool = True
+    alert_rules: list[AlertRuleSettings] = Field(default_factory=list, max_length=500)
+
+
 class Open(BaseModel):
     # Blocks whose schema later capabilities own; kept as given until then.
     model_config = ConfigDict(extra="allow")
+
+
+class ReportsSettings(Strict):
+    """Scheduled daily and weekly performance reports (reports.py), kept under server.data_dir."""
+
+    enabled: bool = Field(True, description="generate each whole day's and week's report in the background")
+    check_interval_seconds: float = Field(300.0, gt=0, le=86400, description="how often to look for due ones")
+    keep: int = Field(400, ge=1, le=100_000, description="reports kept per kind, oldest dropped first")
 
 
 class Settings(BaseSettings):
@@ -278,8 +582,10 @@ class Settings(BaseSettings):
     performance_targets: dict[str, Target] = Field(default_factory=_default_targets)
     metrics_collection: MetricsSettings = Field(default_factory=MetricsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
-    alerting: Open = Field(default_factory=Open)
-    optimization: Open = Field(default_factory=Open)
+    alerting: AlertingSettings = Field(default_factory=AlertingSettings)
+    live_alerting: LiveAlertingSettings | None = Field(None, description="the seed's Live Alerting block")
+    optimization: OptimizationSettings = Field(default_factory=OptimizationSettings)
+    reports: ReportsSettings = Field(default_factory=ReportsSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -339,6 +645,8 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (server, models, ...)")
+    if odd := [k for k in data if not isinstance(k, str)]:
+        raise ConfigError(f"{source}: section names must be words (server, models, ...), not {odd[0]!r}")
     return data
 
 

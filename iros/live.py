@@ -47,6 +47,8 @@ class Subscription:
 
 def filtered(message: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
     """Keep the envelope, the metrics named in `keys`, and whole sections named in `keys`."""
+    if message.get("type") != "metrics":
+        return message  # events (an alert's transition) reach every subscriber whole
     out = {k: v for k, v in message.items() if k in ("type", "timestamp", "status")}
     out["metrics"] = {k: v for k, v in message.get("metrics", {}).items() if k in keys}
     for section in ("models", "system", "kpis", "alerts"):

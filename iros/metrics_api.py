@@ -1,5 +1,9 @@
-"""The metrics and monitoring API: the seed's /api/metrics/*, /api/system/resources,
-/api/monitoring/dashboard/*, /api/feedback, /metrics, /ws/metrics and the SSE stream.
+"""The metrics API: the seed's /api/metrics/*, /api/system/resources, /api/feedback and /metrics, and
+the query parameters every history endpoint shares (parse_time, parse_duration, auto_step, ...).
+The dashboard panels are in metrics_dashboard_api.py, /ws/metrics and the SSE stream in metrics_live_api.py.
+
+routes += MetricsAPI(monitor, keyring).routes()
+parse_time("2024-01-01", "start")   # 1704067200.0; a bad value raises a 400 IrosError naming the param
 
 Reading metrics needs the admin key (they show every tenant's traffic); feedback takes a client key.
 """
@@ -7,29 +11,23 @@ Reading metrics needs the admin key (they show every tenant's traffic); feedback
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import BaseRoute, Route
 
-from iros import kpi
-from iros.auth import KeyRing, Role
+from iros.auth import AdminAPI, KeyRing
 from iros.catalog import METRICS
-from iros.errors import IrosError
-from iros.live import HubFull
+from iros.errors import IrosError, bad
 from iros.monitor import Monitor
-from iros.types import Point, Query, StoreUnavailable
+from iros.types import MetricsStore, Point, Query, StoreUnavailable
 
 MAX_POINTS = 11_000  # Prometheus' own limit per series; the same for both stores
 STEPS = (10.0, 60.0, 300.0, 3600.0, 86400.0)
@@ -47,10 +45,6 @@ SEED_BUCKETS = (0, 500, 1000, 2000, 5000, 10000)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _QUANTILES = (0.5, 0.95, 0.99)
-
-
-def bad(message: str, param: str | None = None) -> IrosError:
-    return IrosError(400, message, param=param, code="invalid_parameter")
 
 
 def parse_time(value: str, param: str) -> float:
@@ -123,11 +117,31 @@ def _round(value: float | None) -> float | None:
     return round(value, 4)
 
 
-class MetricsAPI:
-    def __init__(self, monitor: Monitor, keyring: KeyRing) -> None:
-        self.monitor = monitor
-        self.keyring = keyring
+async def query_points(
+    store: MetricsStore, metric: str, start: float, end: float, step: float, match: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One metric's points from the store as JSON; 400 for too many points, 503 with the store down."""
+    if (end - start) / step > MAX_POINTS:
+        raise bad(f"{(end - start) / step:.0f} points asked; at most {MAX_POINTS}: use a larger step", "step")
+    query = Query(metric, start, end, step, tuple(sorted(match.items())), _QUANTILES)
+    try:
+        points = await store.query(query)
+    except StoreUnavailable as exc:
+        raise IrosError(503, f"metric history is unavailable: {exc}", code="store_unavailable") from None
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    return [point_json(p) for p in points]
 
+
+class MonitorAPI(AdminAPI):
+    """Routes that read the Monitor; subclasses add routes(). `_admin` is the check most of them need."""
+
+    def __init__(self, monitor: Monitor, keyring: KeyRing) -> None:
+        super().__init__(keyring)
+        self.monitor = monitor
+
+
+class MetricsAPI(MonitorAPI):
     def routes(self) -> list[BaseRoute]:
         get = ["GET"]
         return [
@@ -137,18 +151,10 @@ class MetricsAPI:
             Route("/api/metrics/aggregated", self.aggregated, methods=get),
             Route("/api/metrics/performance", self.performance, methods=get),
             Route("/api/metrics/models/{model_id:path}", self.model, methods=get),
-            Route("/api/metrics/stream", self.stream, methods=get),
             Route("/api/metrics/store", self.store_status, methods=get),
             Route("/api/system/resources", self.resources, methods=get),
-            Route("/api/monitoring/dashboard/overview", self.dashboard_overview, methods=get),
-            Route("/api/monitoring/dashboard/performance", self.dashboard_performance, methods=get),
-            Route("/api/monitoring/dashboard/resources", self.dashboard_resources, methods=get),
             Route("/api/feedback", self.feedback, methods=["POST"]),
-            WebSocketRoute("/ws/metrics", self.websocket),
         ]
-
-    def _admin(self, request: Request) -> None:
-        self.keyring.authenticate(request.headers.get("authorization"), Role.ADMIN)
 
     # --- Prometheus ---------------------------------------------------------------------------
     async def prometheus(self, request: Request) -> Response:
@@ -207,8 +213,8 @@ class MetricsAPI:
         end = time.time()
         start = end - 86400
         step = auto_step(end - start)
-        history = await self._query(
-            "response_time_ms", start, end, step, {"model": model_id, "outcome": "ok"}
+        history = await query_points(
+            self.monitor.store, "response_time_ms", start, end, step, {"model": model_id, "outcome": "ok"}
         )
         out["history"] = {"metric": "response_time_ms", "step_seconds": step, "points": history}
         return JSONResponse(out)
@@ -234,22 +240,6 @@ class MetricsAPI:
             match[label] = value
         return match
 
-    async def _query(
-        self, metric: str, start: float, end: float, step: float, match: dict[str, str]
-    ) -> list[dict[str, Any]]:
-        if (end - start) / step > MAX_POINTS:
-            raise bad(
-                f"{(end - start) / step:.0f} points asked; at most {MAX_POINTS}: use a larger step", "step"
-            )
-        query = Query(metric, start, end, step, tuple(sorted(match.items())), _QUANTILES)
-        try:
-            points = await self.monitor.store.query(query)
-        except StoreUnavailable as exc:
-            raise IrosError(503, f"metric history is unavailable: {exc}", code="store_unavailable") from None
-        except ValueError as exc:
-            raise bad(str(exc)) from None
-        return [point_json(p) for p in points]
-
     async def historical(self, request: Request) -> Response:
         self._admin(request)
         start, end = self._range(request, 3600.0)
@@ -260,7 +250,9 @@ class MetricsAPI:
             [resolve_metric(n.strip()) for n in names.split(",") if n.strip()] if names else DEFAULT_HISTORY
         )
         matches = {m: self._match(request, m) if names else {} for m in metrics}
-        results = await asyncio.gather(*(self._query(m, start, end, step, matches[m]) for m in metrics))
+        results = await asyncio.gather(
+            *(query_points(self.monitor.store, m, start, end, step, matches[m]) for m in metrics)
+        )
         return JSONResponse(
             {
                 "start": iso(start),
@@ -287,7 +279,9 @@ class MetricsAPI:
         metric = resolve_metric(request.query_params.get("metric", "response_time_ms"))
         start, end = self._range(request, step * 48)
         start = math.floor(start / step) * step
-        points = await self._query(metric, start, end, step, self._match(request, metric))
+        points = await query_points(
+            self.monitor.store, metric, start, end, step, self._match(request, metric)
+        )
         return JSONResponse(
             {
                 "metric": metric,
@@ -325,153 +319,6 @@ class MetricsAPI:
         out["collection_interval_seconds"] = self.monitor.metrics.collection_interval_seconds
         return JSONResponse(out)
 
-    # --- dashboard widget data (the seed's shapes, filled) -------------------------------------
-    def _range_param(self, request: Request, default: str) -> tuple[str, float]:
-        name = request.query_params.get("range", default)
-        if name not in RANGES:
-            raise bad(f"range must be one of {', '.join(RANGES)}", "range")
-        return name, RANGES[name]
-
-    async def dashboard_overview(self, request: Request) -> Response:
-        self._admin(request)
-        report = self.monitor.current(300.0)
-        flat = {**kpi.flatten(report), "system_health_status": report["status"]}
-        targets = self.monitor.settings.performance_targets
-        widgets = []
-        for title, metric, fmt, target_name, scale in (
-            ("Average Response Time", "response_time_avg", "milliseconds", "response_time_ms", 1.0),
-            ("CPU Usage", "cpu_usage_avg", "percentage", "cpu_usage_percent", 1.0),
-            ("Cache Hit Rate", "cache_hit_rate", "percentage", "cache_hit_rate", 100.0),
-        ):
-            target = targets.get(target_name)
-            value = flat.get(metric)
-            widgets.append(
-                {
-                    "type": "metric_card",
-                    "title": title,
-                    "metric": metric,
-                    "format": fmt,
-                    "target": target.target * scale if target else None,
-                    "warning_threshold": target.warning_threshold * scale if target else None,
-                    "critical_threshold": target.critical_threshold * scale if target else None,
-                    "value": None if value is None else round(value * scale, 3),
-                    "level": report["kpis"].get(target_name, {}).get("level", "no_data"),
-                }
-            )
-        widgets.append(
-            {
-                "type": "status_indicator",
-                "title": "System Health",
-                "metric": "system_health_status",
-                "value": report["status"],
-                "kpis": report["kpis"],
-            }
-        )
-        return JSONResponse({"system_overview": {"widgets": widgets}, "timestamp": report["timestamp"]})
-
-    async def dashboard_performance(self, request: Request) -> Response:
-        self._admin(request)
-        name, span = self._range_param(request, "24h")
-        end = time.time()
-        start = end - span
-        step = auto_step(span)
-        points = await self._query("response_time_ms", start, end, step, {"outcome": "ok"})
-        distribution = await self._distribution(start, end)
-        return JSONResponse(
-            {
-                "response_performance": {
-                    "charts": [
-                        {
-                            "type": "time_series",
-                            "title": "Response Time Trend",
-                            "metrics": ["response_time_p50", "response_time_p95", "response_time_p99"],
-                            "time_range": name,
-                            "step_seconds": step,
-                            "series": {
-                                f"response_time_{q}": [[p["timestamp"], p[q]] for p in points]
-                                for q in ("p50", "p95", "p99")
-                            },
-                        },
-                        {
-                            "type": "histogram",
-                            "title": "Response Time Distribution",
-                            "metric": "response_time_distribution",
-                            "buckets": list(SEED_BUCKETS),
-                            "time_range": name,
-                            **distribution,
-                        },
-                    ]
-                }
-            }
-        )
-
-    async def _distribution(self, start: float, end: float) -> dict[str, Any]:
-        """Counts per seed bucket, read off the store's quantiles (2% rank resolution), summed over
-        windows."""
-        qs = tuple(i / 50 for i in range(51))
-        step = auto_step(end - start)
-        query = Query("response_time_ms", start, end, step, (("outcome", "ok"),), qs)
-        try:
-            points = await self.monitor.store.query(query)
-        except StoreUnavailable as exc:
-            raise IrosError(503, f"metric history is unavailable: {exc}", code="store_unavailable") from None
-        edges = (*SEED_BUCKETS[1:], math.inf)
-        counts = [0.0] * len(edges)
-        for p in points:
-            values = [v for v in (p.quantiles.get(q) for q in qs) if v is not None]
-            if not values:
-                continue
-            below = 0.0
-            for i, edge in enumerate(edges):
-                share = sum(1 for v in values if v <= edge) / len(values)
-                counts[i] += p.count * share - below
-                below = p.count * share
-        labels = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(SEED_BUCKETS)]
-        labels.append(f"{SEED_BUCKETS[-1]}+")
-        return {"labels": labels, "counts": [round(c) for c in counts], "unit": "ms"}
-
-    async def dashboard_resources(self, request: Request) -> Response:
-        self._admin(request)
-        name, span = self._range_param(request, "1h")
-        end = time.time()
-        start = end - span
-        step = auto_step(span)
-        cpu, memory = await asyncio.gather(
-            self._query("cpu_percent", start, end, step, {}),
-            self._query("memory_percent", start, end, step, {}),
-        )
-        sample = self.monitor.sampler.latest
-        gpu = sample.gpu_utilization if sample else None
-        return JSONResponse(
-            {
-                "resource_utilization": {
-                    "charts": [
-                        {
-                            "type": "multi_line",
-                            "title": "CPU and Memory Usage",
-                            "metrics": ["cpu_usage", "memory_usage"],
-                            "time_range": name,
-                            "step_seconds": step,
-                            "series": {
-                                "cpu_usage": [[p["timestamp"], p["avg"]] for p in cpu],
-                                "memory_usage": [[p["timestamp"], p["avg"]] for p in memory],
-                            },
-                        },
-                        {
-                            "type": "gauge",
-                            "title": "GPU Utilization",
-                            "metric": "gpu_utilization",
-                            "max_value": 100,
-                            "value": gpu,
-                            "available": gpu is not None,
-                            "label": None if gpu is not None else "no GPU",
-                            "gpus": [g["index"] for g in (sample.to_json()["gpus"] if sample else [])],
-                        },
-                    ]
-                }
-            }
-        )
-
     # --- feedback -----------------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
         self.keyring.authenticate(request.headers.get("authorization"))
@@ -501,80 +348,6 @@ class MetricsAPI:
         except PermissionError as exc:
             raise IrosError(404, str(exc), code="feedback_disabled") from None
         return JSONResponse({"request_id": request_id, "score": score, "model": model, "accepted": True})
-
-    # --- live ---------------------------------------------------------------------------------
-    async def stream(self, request: Request) -> Response:
-        self._admin(request)
-        keys = _keys(request.query_params.get("metrics"))
-        hub = self.monitor.hub
-        if len(hub.subscribers) >= 200:
-            raise IrosError(503, "too many live subscribers; try again later", code="too_many_subscribers")
-
-        async def events() -> AsyncIterator[dict[str, str]]:
-            async with hub.subscribe(keys) as sub:
-                while True:
-                    data = await sub.get()
-                    yield {"event": "metrics", "data": data.decode()}
-
-        return EventSourceResponse(events(), ping=15, send_timeout=10)
-
-    async def websocket(self, websocket: WebSocket) -> None:
-        try:
-            self.keyring.authenticate(websocket.headers.get("authorization"), Role.ADMIN)
-        except IrosError:
-            await websocket.close(code=1008, reason="admin key required (Authorization: Bearer ...)")
-            return
-        await websocket.accept()
-        try:
-            async with self.monitor.hub.subscribe(_keys(websocket.query_params.get("metrics"))) as sub:
-                reader = asyncio.create_task(self._read_filters(websocket, sub.set_filter))
-                try:
-                    while not reader.done():
-                        getter = asyncio.ensure_future(sub.get())
-                        await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter.done():
-                            await websocket.send_text(getter.result().decode())
-                        else:
-                            getter.cancel()
-                finally:
-                    reader.cancel()
-        except HubFull as exc:
-            await websocket.close(code=1013, reason=str(exc))
-        except WebSocketDisconnect:
-            pass
-
-    async def _read_filters(
-        self, websocket: WebSocket, set_filter: Callable[[list[str] | None], None]
-    ) -> None:
-        """Clients narrow what they receive: {"subscribe": ["response_time_p95", "models"]}."""
-        while True:
-            try:
-                text = await websocket.receive_text()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            try:
-                message = orjson.loads(text)
-                keys = message["subscribe"]
-                if keys is not None and not (
-                    isinstance(keys, list) and all(isinstance(k, str) for k in keys)
-                ):
-                    raise TypeError
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                await websocket.send_text(
-                    orjson.dumps(
-                        {
-                            "type": "error",
-                            "message": 'send {"subscribe": ["metric", ...]} or {"subscribe": null}',
-                        }
-                    ).decode()
-                )
-                continue
-            set_filter(keys)
-            await websocket.send_text(orjson.dumps({"type": "subscribed", "metrics": keys}).decode())
-
-
-def _keys(raw: str | None) -> list[str] | None:
-    return [k.strip() for k in raw.split(",") if k.strip()] if raw else None
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -13,13 +13,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 
 def free_port() -> int:
@@ -65,7 +66,7 @@ class ChildProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> ChildProcess:
+    def start(self, timeout: float = 20.0) -> Self:
         self._log = self.log_path.open("wb")
         # A session of its own: a terminal's Ctrl+C reaches only the parent, which stops children in order,
         # and a stop reaches the child's own children (nginx workers) through the process group.
@@ -153,7 +154,20 @@ class ChildProcess:
             self._log.flush()
         return tail(self.log_path, lines)
 
-    def __enter__(self) -> ChildProcess:
+    def serve_forever(self, banner: str) -> None:
+        """Start, print `banner`, and keep running until Ctrl+C (the `python -m iros.redisserver` way).
+        If the process dies meanwhile, exit with its output."""
+        with self:
+            print(banner, file=sys.stderr)
+            try:
+                while self.running:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+            if not self.running:
+                raise SystemExit(f"{self.name} exited:\n{self.output_tail()}")
+
+    def __enter__(self) -> Self:
         return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:

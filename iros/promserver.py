@@ -7,7 +7,8 @@ with PrometheusServer(["http://127.0.0.1:8080"], scrape_interval="1s") as prom:
 
 python -m iros.promserver http://127.0.0.1:8080      # run one until Ctrl+C
 
-Its configuration and TSDB live in a temporary directory that is removed when it stops.
+Its configuration and TSDB live in a temporary directory that is removed when it stops; start() after
+stop() runs it again on the same port, empty (tests of Iros with its history backend down and back).
 """
 
 from __future__ import annotations
@@ -62,15 +63,11 @@ class PrometheusServer(ChildProcess):
             )
         self.workdir = Path(tempfile.mkdtemp(prefix="iros-prometheus-"))
         self.config_path = self.workdir / "prometheus.yml"
-        config = self.config(targets, scrape_interval, job)
+        self._config = self.config(targets, scrape_interval, job)
+        self._bearer_token = bearer_token
         if bearer_token:
-            # Iros's /metrics needs the admin key; Prometheus reads it from a file only it can read.
-            token = self.workdir / "token"
-            token.touch(mode=0o600)
-            token.write_text(bearer_token)
-            for scrape in config["scrape_configs"]:
-                scrape["authorization"] = {"type": "Bearer", "credentials_file": str(token)}
-        self.config_path.write_text(yaml.safe_dump(config))
+            for scrape in self._config["scrape_configs"]:
+                scrape["authorization"] = {"type": "Bearer", "credentials_file": str(self.workdir / "token")}
         port = port or free_port()
         args = [
             binary,
@@ -104,11 +101,19 @@ class PrometheusServer(ChildProcess):
         return {"global": {"scrape_interval": scrape_interval}, "scrape_configs": scrape_configs}
 
     def start(self, timeout: float = 30.0) -> PrometheusServer:
+        """Start, or start again after stop() on the same port (with an empty TSDB)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._bearer_token:
+            # Iros's /metrics needs the admin key; Prometheus reads it from a file only it can read.
+            token = self.workdir / "token"
+            token.touch(mode=0o600)
+            token.write_text(self._bearer_token)
+        self.config_path.write_text(yaml.safe_dump(self._config))
         super().start(timeout)
         return self
 
     def __enter__(self) -> PrometheusServer:
-        return self if self.proc is not None else self.start()
+        return self if self.running else self.start()
 
     def stop(self) -> int | None:
         status = super().stop()
@@ -153,15 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not targets:
         print("usage: python -m iros.promserver URL [URL...]   (e.g. http://127.0.0.1:8080)", file=sys.stderr)
         raise SystemExit(2)
-    with PrometheusServer(targets, port=9090) as prom:
-        print(f"Prometheus at {prom.url}, scraping {', '.join(targets)} (Ctrl+C stops it)", file=sys.stderr)
-        try:
-            while prom.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        if not prom.running:
-            raise SystemExit(f"Prometheus exited:\n{prom.output_tail()}")
+    prom = PrometheusServer(targets, port=9090)
+    prom.serve_forever(f"Prometheus at {prom.url}, scraping {', '.join(targets)} (Ctrl+C stops it)")
 
 
 if __name__ == "__main__":

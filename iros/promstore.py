@@ -42,6 +42,7 @@ Aggregation = Literal["sum", "avg", "max"]
 GAUGE_AGGREGATION: dict[str, Aggregation] = {
     "iros_requests_in_flight": "sum",
     "iros_queue_length": "sum",
+    "iros_backend_queue_length": "sum",  # per worker, like iros_queue_length
     "iros_process_resident_memory_bytes": "sum",
     "iros_process_cpu_percent": "sum",
     "iros_system_cpu_percent": "avg",
@@ -334,7 +335,7 @@ class PrometheusStore:
         await self.start()
         assert self._session is not None
         url = self.endpoint + path
-        where = f"Prometheus at {self.endpoint}"
+        where = f"the history backend, Prometheus at {self.endpoint},"
         try:
             # The timeout is set per request too: an injected session may carry a longer one.
             async with self._session.request(
@@ -349,9 +350,9 @@ class PrometheusStore:
         except TimeoutError:
             raise StoreUnavailable(f"{where} did not answer within {self.timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise StoreUnavailable(f"{where} did not answer: {_connect_reason(exc)}") from None
+            raise StoreUnavailable(f"{where} is unreachable: {_connect_reason(exc)}") from None
         except aiohttp.ClientError as exc:
-            raise StoreUnavailable(f"{where} did not answer: {exc or type(exc).__name__}") from None
+            raise StoreUnavailable(f"{where} is unreachable: {exc or type(exc).__name__}") from None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:

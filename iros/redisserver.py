@@ -16,7 +16,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,15 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) > 1 or (args and not args[0].isdigit()):
         print("usage: python -m iros.redisserver [PORT]   (default 6379)", file=sys.stderr)
         raise SystemExit(2)
-    with RedisServer(port=int(args[0]) if args else 6379) as redis:
-        print(f"Redis at {redis.url} (Ctrl+C stops it)", file=sys.stderr)
-        try:
-            while redis.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        if not redis.running:
-            raise SystemExit(f"redis-server exited:\n{redis.output_tail()}")
+    redis = RedisServer(port=int(args[0]) if args else 6379)
+    redis.serve_forever(f"Redis at {redis.url} (Ctrl+C stops it)")
 
 
 if __name__ == "__main__":

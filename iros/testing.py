@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from iros.process import ChildProcess, ProcessFailed, free_port
 
-__all__ = ["IrosProcess", "ProcessFailed", "free_port"]
+__all__ = ["IrosProcess", "ProcessFailed", "free_port", "wait_until"]
 
 
 class IrosProcess(ChildProcess):
@@ -56,3 +57,24 @@ class IrosProcess(ChildProcess):
             *extra,
         ]
         return cls(args, port, name="iros mock-upstream", **kw)
+
+
+_T = TypeVar("_T")
+
+
+def wait_until(
+    check: Callable[[], _T], what: str = "the condition", timeout: float = 15.0, interval: float = 0.1
+) -> _T:
+    """Poll `check` until it returns something truthy, and return that; an AssertionError naming `what`
+    (and the last value) after `timeout` seconds.
+
+    alert = wait_until(lambda: active(proc, "high_cpu"), "the alert to fire", timeout=30)
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value {result!r}")
+        time.sleep(interval)

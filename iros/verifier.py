@@ -3,10 +3,13 @@
 Cosine similarity of sentence embeddings ranks candidates well but cannot tell "How do I get a visa for
 Canada?" from "How do I get a visa for Australia?". The verifier looks at what cosine blurs (numbers,
 negations, names, the kind of question, the words one side has and the other lacks) and scores the pair
-with a small model trained by iros.verifier_train; inference is plain numpy.
+with gradient-boosted trees that also read how well the two questions' MiniLM token embeddings align
+(iros.verifier_tokens), trained by iros.verifier_train; inference is plain numpy.
 
 verifier = Verifier.load()                                  # the packaged verifier.json
-if similarity >= verifier.similarity_threshold and verifier.accept(query, cached_prompt, similarity):
+q = verifier.project(query_token_embeddings)                # kept with each cached entry as well
+decision = verifier.decide(query, [cached_prompt], [similarity], q, [cached_projected_tokens])
+if decision.index is not None:
     ...serve the cached answer
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-__all__ = ["FEATURES", "Featurizer", "Verifier", "parse"]
+__all__ = ["FEATURES", "Decision", "Featurizer", "Verifier", "parse"]
 
 PACKAGED = "verifier.json"
 
@@ -330,32 +333,24 @@ class Featurizer:
         )
 
 
-class Verifier:
-    """Scores (query, candidate, similarity) with the gradient-boosted trees in verifier.json.
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the verifier made of one lookup's candidates: the one to serve (None: none), and the scores."""
 
-    `threshold` is the decision threshold on the score, chosen by cross-validation for precision;
-    `similarity_threshold` is the cosine the training recommends a candidate needs before it is asked.
-    """
+    index: int | None
+    scores: npt.NDArray[np.float64]
+    threshold: float
 
-    def __init__(self, params: dict[str, Any]) -> None:
-        names = tuple(params["features"])
-        if names != FEATURES:
-            raise ValueError(f"verifier parameters are for features {names}, this code computes {FEATURES}")
-        self.params = params
-        self.model: str = params["embedding_model"]
-        self.threshold = float(params["threshold"])
-        self.similarity_threshold = float(params["similarity_threshold"])
-        self.metrics: dict[str, Any] = params.get("metrics", {})
-        # (precision, score threshold, recall) measured in cross-validation, most precise last.
-        self.operating_points: list[dict[str, float]] = sorted(
-            params.get("operating_points", []), key=lambda p: p["precision"]
-        )
-        self.features = Featurizer(params["idf"]["words"], float(params["idf"]["rare"]))
-        trees = params["model"]
+
+class Trees:
+    """Gradient-boosted trees exported by iros.verifier_trees, run on numpy.
+
+    Every tree is padded to the same node count and leaves lead to themselves, so `depth` steps reach a
+    leaf from the root in every tree at once."""
+
+    def __init__(self, trees: dict[str, Any]) -> None:
         if trees.get("kind") != "trees":
             raise ValueError(f"unknown verifier model kind {trees.get('kind')!r}")
-        # Every tree padded to the same node count; leaves lead to themselves, so `depth` steps reach
-        # a leaf from the root in every tree at once.
         self._feature = np.asarray(trees["feature"], np.intp)
         self._split = np.asarray(trees["split"], np.float64)
         self._left = np.asarray(trees["left"], np.intp)
@@ -365,13 +360,73 @@ class Verifier:
         self._base = float(trees["base"])
         self._trees = np.arange(len(self._feature))[None, :]
 
-    def threshold_for(self, precision: float) -> float:
+    def logits(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        trees = self._trees
+        node = np.zeros((len(x), trees.shape[1]), np.intp)
+        for _ in range(self._depth):
+            feature = self._feature[trees, node]
+            go_left = np.take_along_axis(x, feature, axis=1) <= self._split[trees, node]
+            node = np.where(go_left, self._left[trees, node], self._right[trees, node])
+        out: npt.NDArray[np.float64] = self._base + self._value[trees, node].sum(axis=1)
+        return out
+
+
+def _sigmoid(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-x))
+    return out
+
+
+class Verifier:
+    """Scores (query, candidate, similarity) with gradient-boosted trees over the hand-made features and,
+    when both questions' token embeddings are at hand, how well their tokens align (verifier_tokens).
+
+    The rule the cache applies (one rule, see README's Cache section): of the `neighbours` nearest
+    cached questions in the same context whose cosine is at least the cache's live
+    `similarity_threshold`, the one the verifier scores highest is served if its score reaches
+    `threshold` (the cut cross-validation measured for the target precision at the default similarity
+    threshold). Without token embeddings (an OpenAI-compatible embedder) the fallback trees, which see
+    the hand-made features only, decide at `fallback_threshold`. `curve` is the cross-validated
+    precision and recall for each similarity threshold at that cut: the tune API's precision floor.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        names = tuple(params["features"])
+        if names != FEATURES:
+            raise ValueError(f"verifier parameters are for features {names}, this code computes {FEATURES}")
+        self.params = params
+        self.model: str = params["embedding_model"]
+        self.threshold = float(params["threshold"])
+        self.fallback_threshold = float(params.get("fallback_threshold", self.threshold))
+        self.similarity_threshold = float(params.get("similarity_threshold", 0.0))
+        self.neighbours = int(params.get("neighbours", 1))
+        self.metrics: dict[str, Any] = params.get("metrics", {})
+        # (precision, score threshold, recall) measured in cross-validation, most precise last.
+        self.operating_points: list[dict[str, float]] = sorted(
+            params.get("operating_points", []), key=lambda p: p["precision"]
+        )
+        self.curve: list[dict[str, float]] = params.get("curve", [])
+        self.features = Featurizer(params["idf"]["words"], float(params["idf"]["rare"]))
+        self.trees = Trees(params["model"])
+        self.tokens: Any = None  # TokenProjection when the trees also read token alignment
+        align = params.get("align")
+        if align:
+            from iros.verifier_tokens import ALIGN_FEATURES, TokenProjection
+
+            if tuple(align["features"]) != ALIGN_FEATURES:
+                raise ValueError(f"verifier parameters are for alignment features {align['features']}")
+            self.tokens = TokenProjection(align.get("projection"))
+        self.fallback = Trees(params["fallback_model"]) if params.get("fallback_model") else self.trees
+        if self.tokens is not None and not params.get("fallback_model"):
+            raise ValueError("verifier parameters with token alignment need a fallback_model")
+
+    def threshold_for(self, precision: float, tokens: bool = True) -> float:
         """The score threshold cross-validation found for at least this precision (the nearest above).
 
         Raises ValueError when no measured operating point is that precise."""
+        key = "threshold" if tokens and self.tokens is not None else "fallback_threshold"
         for point in self.operating_points:
             if point["precision"] >= precision:
-                return float(point["threshold"])
+                return float(point.get(key, point["threshold"]))
         raise ValueError(f"no measured operating point reaches precision {precision}")
 
     @classmethod
@@ -383,34 +438,63 @@ class Verifier:
             raw = Path(path).read_bytes()
         return cls(orjson.loads(raw))
 
+    def project(self, tokens: npt.NDArray[Any] | None) -> npt.NDArray[np.float16] | None:
+        """A text's token embeddings as the alignment keeps them (None when it is not used)."""
+        if tokens is None or self.tokens is None or not len(tokens):
+            return None
+        projected: npt.NDArray[np.float16] = self.tokens(tokens)
+        return projected
+
     def _scores(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        trees = self._trees
-        node = np.zeros((len(x), trees.shape[1]), np.intp)
-        for _ in range(self._depth):
-            feature = self._feature[trees, node]
-            go_left = np.take_along_axis(x, feature, axis=1) <= self._split[trees, node]
-            node = np.where(go_left, self._left[trees, node], self._right[trees, node])
-        logit = self._base + self._value[trees, node].sum(axis=1)
-        out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logit))
-        return out
+        """The fallback trees' scores for rows of FEATURES."""
+        return _sigmoid(self.fallback.logits(x))
 
     def score(self, query: str, candidate: str, similarity: float) -> float:
-        """Probability-like: how likely the candidate asks the same as the query."""
+        """Without token embeddings: how likely the candidate asks the same as the query (0 to 1)."""
         return float(self._scores(self.features(query, candidate, similarity)[None, :])[0])
 
     def accept(self, query: str, candidate: str, similarity: float) -> bool:
-        return self.score(query, candidate, similarity) >= self.threshold
+        """Without token embeddings: the fallback trees at their own cut."""
+        return self.score(query, candidate, similarity) >= self.fallback_threshold
 
     def score_many(
-        self, query: str, candidates: Sequence[str], similarities: Sequence[float]
-    ) -> npt.NDArray[np.float64]:
-        """Scores for several candidates of one query, in one pass over the trees."""
-        if not candidates:
-            return np.empty(0, np.float64)
-        x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
-        return self._scores(x)
+        self,
+        query: str,
+        candidates: Sequence[str],
+        similarities: Sequence[float],
+        query_tokens: npt.NDArray[Any] | None = None,
+        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """Scores for several candidates of one query, and the cut they are held to.
 
-    def accept_many(
-        self, query: str, candidates: Sequence[str], similarities: Sequence[float]
-    ) -> npt.NDArray[np.bool_]:
-        return self.score_many(query, candidates, similarities) >= self.threshold
+        With the projected tokens (project()) of the query and of every candidate the alignment joins
+        in; otherwise the fallback trees score alone against their own cut."""
+        if not candidates:
+            return np.empty(0, np.float64), self.threshold
+        x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
+        if (
+            self.tokens is None
+            or query_tokens is None
+            or candidate_tokens is None
+            or any(t is None for t in candidate_tokens)
+        ):
+            return self._scores(x), self.fallback_threshold
+        from iros.verifier_tokens import align_features
+
+        aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
+        return _sigmoid(self.trees.logits(np.hstack([x, aligned]))), self.threshold
+
+    def decide(
+        self,
+        query: str,
+        candidates: Sequence[str],
+        similarities: Sequence[float],
+        query_tokens: npt.NDArray[Any] | None = None,
+        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
+    ) -> Decision:
+        """The candidate to serve: the best-scoring one, if it reaches its cut."""
+        scores, cut = self.score_many(query, candidates, similarities, query_tokens, candidate_tokens)
+        if not len(scores):
+            return Decision(None, scores, cut)
+        best = int(np.argmax(scores))
+        return Decision(best if scores[best] >= cut else None, scores, cut)

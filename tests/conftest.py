@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -14,6 +15,45 @@ CLIENT_KEY = "sk-client-test"
 ADMIN_KEY = "sk-admin-test"
 UPSTREAM_KEY = "sk-upstream-test"
 
+# The seed's dashboard panels: the web dashboard and the Grafana export each show every one.
+SEED_PANELS = (
+    "Average Response Time",
+    "CPU Usage",
+    "Cache Hit Rate",
+    "System Health",
+    "Response Time Trend",
+    "Response Time Distribution",
+    "CPU and Memory Usage",
+    "GPU Utilization",
+    "Throughput",
+    "Error rate",
+    "Time to first token",
+    "Active alerts",
+    "Model comparison",
+    "Cache efficiency",
+)
+
+
+def serve_in_thread(port: int, routes: Sequence[web.AbstractRouteDef], timeout: float = 10.0) -> None:
+    """Serve `routes` on 127.0.0.1:`port` from a daemon thread with its own event loop, for the rest of
+    the test run; returns once it listens.
+
+    serve_in_thread(port, [web.post("/v1/chat/completions", self._chat)])
+    """
+    ready = threading.Event()
+
+    async def main() -> None:
+        app = web.Application()
+        app.add_routes(routes)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+    ready.wait(timeout)
+
 
 class RecordingUpstream:
     """A real OpenAI-shaped server on a socket that keeps every request it receives."""
@@ -22,8 +62,6 @@ class RecordingUpstream:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.requests: list[dict[str, Any]] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -51,25 +89,21 @@ class RecordingUpstream:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})
 
-    def _run(self) -> None:
-        import asyncio
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._chat)
-            app.router.add_get("/v1/models", self._models)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self._ready.set()
-            await asyncio.Event().wait()
-
-        asyncio.run(main())
-
     def start(self) -> RecordingUpstream:
-        self._thread.start()
-        self._ready.wait(10)
+        routes = [web.post("/v1/chat/completions", self._chat), web.get("/v1/models", self._models)]
+        serve_in_thread(self.port, routes)
         return self
+
+
+@pytest.fixture(scope="module")
+def speeds() -> Iterator[dict[str, IrosProcess]]:
+    """Three model servers: instant, lightweight (about 60 ms to the first token) and large (350 ms)."""
+    procs = {p: IrosProcess.mock_upstream(p) for p in ("instant", "lightweight", "large")}
+    for proc in procs.values():
+        proc.start()
+    yield procs
+    for proc in procs.values():
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

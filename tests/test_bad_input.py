@@ -218,3 +218,47 @@ class TestLimits:
         assert rejected, statuses
         assert rejected[0].json()["error"]["code"] == "queue_full"
         assert rejected[0].headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ({"x-big": "a" * 40_000}, "request headers too large"),
+        ({f"x-h{i}": "v" for i in range(150)}, "too many request headers"),
+    ],
+    ids=["one huge header", "too many headers"],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/metrics/current"])
+def test_oversized_headers_are_refused_with_431(
+    iros: IrosProcess, headers: dict[str, str], says: str, path: str
+) -> None:
+    """Headers beyond the configured bounds get a 431 in the OpenAI shape, on the model API and elsewhere."""
+    r = httpx.post(f"{iros.url}{path}", headers={"authorization": f"Bearer {CLIENT_KEY}", **headers}, json={})
+    assert r.status_code == 431
+    assert r.json()["error"]["code"] == "headers_too_large"
+    assert says in r.json()["error"]["message"]
+
+
+def test_a_body_that_trickles_in_is_cut_off_with_408(upstream: IrosProcess) -> None:
+    """A client that sends part of its body and stalls gets a 408 after body_timeout_seconds, and the
+    server keeps answering others meanwhile."""
+    import socket
+
+    config = {
+        "auth": {"open": True},
+        "server": {"body_timeout_seconds": 1},
+        "models": [{"name": "fast", "base_url": f"{upstream.url}/v1", "upstream_model": "instant"}],
+    }
+    with IrosProcess.serve(config) as proc, socket.create_connection(("127.0.0.1", proc.port), 10) as s:
+        s.settimeout(10)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 500\r\n\r\n"
+        )
+        s.sendall(b'{"model": "fast",')
+        other = httpx.post(f"{proc.url}/v1/chat/completions", json=OK, timeout=10)
+        reply = s.recv(4096)
+        assert other.status_code == 200
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408")
+        assert orjson.loads(body)["error"]["code"] == "body_timeout"

@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from iros import bench
+from iros import bench, bench_processes
 from iros.collector_bench import run_collector_bench
+from iros.wrk import _Phase, _run_wrk, summarize, wrk_script
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
@@ -37,7 +38,7 @@ def _closed(port: int) -> bool:
 
 @pytest.fixture
 def nginx(tmp_path: Path) -> Any:
-    child = bench.start_nginx(tmp_path)
+    child = bench_processes.start_nginx(tmp_path)
     try:
         yield child.port
     finally:
@@ -47,7 +48,9 @@ def nginx(tmp_path: Path) -> Any:
 
 
 def test_nginx_serves_a_valid_completion(nginx: int, tmp_path: Path) -> None:
-    status, content_type, body = _post(f"http://127.0.0.1:{nginx}/v1/chat/completions", bench.REQUEST)
+    status, content_type, body = _post(
+        f"http://127.0.0.1:{nginx}/v1/chat/completions", bench_processes.REQUEST
+    )
     assert status == 200
     assert content_type.startswith("application/json")
     assert body["object"] == "chat.completion"
@@ -75,14 +78,12 @@ def test_wrk_errors_are_counted(nginx: int, tmp_path: Path) -> None:
     # A path nginx answers with 404: every response is an error and the report must say so.
     # 0.5 s also covers the fractional duration (wrk only takes whole seconds; we SIGINT it).
     script = tmp_path / "bench.lua"
-    script.write_text(bench.wrk_script())
-    wrk, _ = bench._tools()
-    phase = bench._Phase(None, None, None)
-    raw = bench._run_wrk(
-        wrk, script, f"http://127.0.0.1:{nginx}/nope", 2, 0.5, tmp_path / "wrk.txt", phase, "404s"
-    )
+    script.write_text(wrk_script())
+    wrk, _ = bench_processes._tools()
+    phase = _Phase(None, None, None)
+    raw = _run_wrk(wrk, script, f"http://127.0.0.1:{nginx}/nope", 2, 0.5, tmp_path / "wrk.txt", phase, "404s")
     assert 0.4e6 < raw["duration_us"] < 0.9e6
-    summary = bench.summarize(raw)
+    summary = summarize(raw)
     assert summary["requests"] > 0
     assert summary["error_kinds"]["status"] == summary["requests"]
     assert summary["errors"] >= summary["requests"]
@@ -90,8 +91,8 @@ def test_wrk_errors_are_counted(nginx: int, tmp_path: Path) -> None:
 
 def test_check_tools_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(bench.BenchError, match="wrk") as info:
-        bench.check_tools()
+    with pytest.raises(bench_processes.BenchError, match="wrk") as info:
+        bench_processes.check_tools()
     assert "apt-get install wrk nginx-light" in str(info.value)
     assert "./scripts/install" in str(info.value)
 

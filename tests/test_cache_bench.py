@@ -12,14 +12,13 @@ import pytest
 
 from iros.cache_bench import (
     DEFAULT_PAIRS,
-    SHARES,
     Pair,
-    build_stream,
     cache_latency,
     cache_quality,
     read_pairs,
     run_workload,
 )
+from iros.cache_workload import SHARES, build_stream
 from iros.config import EmbedderSettings
 from iros.embedder import build_embedder
 from iros.types import Embedder
@@ -40,6 +39,9 @@ class Shared:
 
     async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         return await self.inner.embed(texts)
+
+    async def embed_tokens(self, texts: list[str]) -> Any:
+        return await self.inner.embed_tokens(texts)  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         return None

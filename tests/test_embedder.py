@@ -139,6 +139,21 @@ class TestLocalEmbedder:
             assert mine.shape == (len(texts), 384)
             assert np.allclose(mine, solo, atol=1e-4)
 
+    async def test_token_embeddings_come_from_the_same_pass(self, local: LocalEmbedder) -> None:
+        """embed_tokens gives the same vectors as embed, and per text one 384-dim row per wordpiece,
+        whose mean (the model's pooling) points the way of the text's vector, in one model call."""
+        texts = ["How do I learn Python?", "Why is the sky blue during the day?"]
+        before = local.batches
+        encoded = await local.embed_tokens(texts)
+        assert local.batches - before == 1
+        assert np.allclose(encoded.vectors, await local.embed(texts), atol=1e-4)
+        assert encoded.tokens is not None and len(encoded.tokens) == 2
+        for tokens, vector, text in zip(encoded.tokens, encoded.vectors, texts, strict=True):
+            # [CLS] and [SEP] around at least one wordpiece per word.
+            assert tokens.shape[1] == 384 and tokens.shape[0] >= len(text.split()) + 2
+            mean = tokens.mean(axis=0)
+            assert float(mean @ vector / np.linalg.norm(mean)) > 0.999
+
     async def test_empty_input(self, local: LocalEmbedder) -> None:
         """No texts, no model call: an empty (0, dim) array."""
         before = local.batches

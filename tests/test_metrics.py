@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from iros.testing import IrosProcess
+from iros.testing import IrosProcess, wait_until
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -77,16 +78,8 @@ def get(proc: IrosProcess, path: str, **params: Any) -> httpx.Response:
     return httpx.get(f"{proc.url}{path}", params=params, headers=ADMIN, timeout=30)
 
 
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll until `check` returns something truthy (metrics arrive a tick after the request)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s; last value {result!r}")
-        time.sleep(0.1)
+# Metrics arrive a tick after the request.
+eventually = partial(wait_until, timeout=10.0)
 
 
 def scrape(proc: IrosProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

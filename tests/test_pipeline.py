@@ -14,7 +14,7 @@ from iros.app import create_app
 from iros.auth import KeyRing, Role
 from iros.config import AuthSettings, load_settings
 from iros.errors import IrosError
-from iros.gateway import RequestRecord
+from iros.request_record import RequestRecord
 from iros.spans import Spans
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}

@@ -7,7 +7,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from iros.catalog import METRICS
 from iros.promserver import PrometheusServer
 from iros.promstore import GAUGE_AGGREGATION, MAX_POINTS, PrometheusStore, escape, promql
-from iros.testing import IrosProcess, free_port
+from iros.testing import IrosProcess, free_port, wait_until
 from iros.types import Query, StoreUnavailable
 
 # One instant model and one with real latency spread over several histogram buckets.
@@ -85,14 +85,6 @@ def bucket_bounds(cumulative: list[tuple[float, float]], rank: float) -> tuple[f
             return lower, le
         lower = le
     return lower, math.inf
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -308,7 +300,10 @@ async def test_prometheus_down_is_a_clear_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable) as info:
         await store.query(Query("response_time_ms", 0, 600, 60))
     assert time.monotonic() - began < 1.5
-    assert str(info.value) == f"Prometheus at {endpoint} did not answer: connection refused"
+    assert (
+        str(info.value)
+        == f"the history backend, Prometheus at {endpoint}, is unreachable: connection refused"
+    )
     health = await store.health()
     assert health["reachable"] is False and "connection refused" in health["error"]
     await store.close()
@@ -328,7 +323,7 @@ async def test_silent_prometheus_times_out_on_time() -> None:
         elapsed = time.monotonic() - began
         await store.close()
     assert 0.3 <= elapsed < 1.5
-    assert str(info.value) == f"Prometheus at {endpoint} did not answer within 0.4s"
+    assert str(info.value) == f"the history backend, Prometheus at {endpoint}, did not answer within 0.4s"
 
 
 async def test_a_server_that_is_not_prometheus_is_named(iros_server: IrosProcess) -> None:
@@ -336,7 +331,8 @@ async def test_a_server_that_is_not_prometheus_is_named(iros_server: IrosProcess
     with pytest.raises(StoreUnavailable) as info:
         await store.query(Query("response_time_ms", 0, 600, 60))
     await store.close()
-    assert re.search(rf"^Prometheus at {re.escape(iros_server.url)} answered HTTP 4\d\d", str(info.value))
+    where = re.escape(f"the history backend, Prometheus at {iros_server.url},")
+    assert re.search(rf"^{where} answered HTTP 4\d\d", str(info.value))
     assert "not a Prometheus API response" in str(info.value)
 
 

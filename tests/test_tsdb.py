@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iros import tsdb
+from iros import tsdb_query
 from iros.sketch import RELATIVE_ACCURACY, Sketch
-from iros.tsdb import SQLiteStore, sketch_of_row
+from iros.tsdb import SQLiteStore
 from iros.tsdb_bench import run_tsdb_bench
+from iros.tsdb_encoding import sketch_of_row
 from iros.types import Query, Samples, SeriesKey, StoreUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ async def test_wide_tables_and_mixed_count_widths_give_the_same_answers(
     await write_shuffled(store, key(model="a"), ts, values, flushes=2)
     query = Query(METRIC, NOW - DAY, NOW, 3600, quantiles=QS)
     whole = await store.query(query)
-    monkeypatch.setattr(tsdb, "_DENSE_CELLS", 5000)  # a few windows per table
+    monkeypatch.setattr(tsdb_query, "_DENSE_CELLS", 5000)  # a few windows per table
     blocked = await store.query(query)
     await store.close()
     assert whole == blocked and len(whole) == 24

@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from iros.config import EmbedderSettings
+from iros.config import CacheSettings, EmbedderSettings
 from iros.embedder import PACKAGED_MODEL, LocalEmbedder
-from iros.verifier import FEATURES, Verifier
+from iros.verifier import FEATURES, Decision, Verifier
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "qqp" / "dev.jsonl.gz"
 HELD_OUT = 400  # of the last 2,000 dev pairs, which no question of was trained on
@@ -69,6 +69,17 @@ async def cosine(embedder: LocalEmbedder, pairs: list[tuple[str, str]]) -> npt.N
     return sims
 
 
+async def decide(
+    verifier: Verifier, embedder: LocalEmbedder, query: str, candidates: list[str]
+) -> tuple[Decision, list[float]]:
+    """The verifier's decision as the cache makes it: cosines and token embeddings from the model."""
+    encoded = await embedder.embed_tokens([query, *candidates])
+    assert encoded.tokens is not None
+    sims = (encoded.vectors[1:] @ encoded.vectors[0]).tolist()
+    projected = [verifier.project(t) for t in encoded.tokens]
+    return verifier.decide(query, candidates, sims, projected[0], projected[1:]), sims
+
+
 class TestPackaged:
     def test_loads_without_scikit_learn_or_torch(self) -> None:
         """The packaged verifier loads and scores with numpy alone."""
@@ -81,15 +92,22 @@ class TestPackaged:
         assert out.stdout.strip() == "[]"
 
     def test_parameters_describe_themselves(self, verifier: Verifier) -> None:
-        """The file names its features, embedding model, thresholds and the CV figures behind them."""
+        """The file names its features, embedding model, cuts, rule and the CV figures behind them."""
         assert verifier.model == PACKAGED_MODEL
-        assert 0 < verifier.threshold < 1
-        assert 0 < verifier.similarity_threshold < 1
+        assert 0 < verifier.threshold < 1 and 0 < verifier.fallback_threshold < 1
+        # One rule: the cut was chosen at the cache's default similarity threshold.
+        assert verifier.similarity_threshold == CacheSettings().similarity_threshold
+        assert verifier.neighbours >= 1 and verifier.tokens is not None
         cv = verifier.metrics["cv"]
         assert cv["verifier"]["precision"] >= verifier.metrics["target_precision"]
         assert cv["verifier"]["precision"] > cv["cosine_at_same_recall"]["precision"]
+        assert cv["verifier"]["recall"] > cv["fallback"]["verifier"]["recall"]
         assert verifier.threshold_for(0.9) == verifier.threshold
+        assert verifier.threshold_for(0.9, tokens=False) == verifier.fallback_threshold
         assert verifier.threshold_for(0.8) < verifier.threshold
+        # The tune API's floor: precision falls as the similarity threshold is lowered.
+        gates = [p["similarity_threshold"] for p in verifier.curve]
+        assert gates == sorted(gates) and CacheSettings().similarity_threshold in gates
 
     def test_refuses_parameters_for_other_features(self, verifier: Verifier) -> None:
         """A verifier.json written for another feature list is an error, not wrong scores."""
@@ -100,18 +118,20 @@ class TestPackaged:
 
 class TestDecisions:
     async def test_accepts_rewordings(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
-        """Rewordings of the same question are accepted at the packaged threshold."""
-        sims = await cosine(embedder, REWORDINGS)
-        for (q, c), s in zip(REWORDINGS, sims.tolist(), strict=True):
-            assert verifier.accept(q, c, s), (q, c, s, verifier.score(q, c, s))
+        """Rewordings of the same question are served at the packaged cut; without token embeddings
+        (the fallback trees) at least at the cut measured for precision 0.80."""
+        for q, c in REWORDINGS:
+            decision, sims = await decide(verifier, embedder, q, [c])
+            assert decision.index == 0, (q, c, sims, decision)
+            score = verifier.score(q, c, sims[0])
+            assert score >= verifier.threshold_for(0.80, tokens=False), (q, c, sims, score)
 
     async def test_accepts_paraphrases_at_a_lower_precision(
         self, verifier: Verifier, embedder: LocalEmbedder
     ) -> None:
-        """Freer paraphrases pass the threshold measured for precision 0.80."""
+        """Freer paraphrases pass the cut measured for precision 0.80."""
         threshold = verifier.threshold_for(0.80)
-        sims = await cosine(embedder, PARAPHRASES)
-        scores = [verifier.score(q, c, s) for (q, c), s in zip(PARAPHRASES, sims.tolist(), strict=True)]
+        scores = [(await decide(verifier, embedder, q, [c]))[0].scores[0] for q, c in PARAPHRASES]
         assert min(scores) >= threshold, scores
 
     @pytest.mark.parametrize("kind", HARD_NEGATIVES)
@@ -120,24 +140,31 @@ class TestDecisions:
     ) -> None:
         """A near question that asks something else is rejected though its cosine passes 0.80."""
         q, c = HARD_NEGATIVES[kind]
-        (s,) = (await cosine(embedder, [(q, c)])).tolist()
+        decision, (s,) = await decide(verifier, embedder, q, [c])
         assert s >= 0.80, s
-        assert not verifier.accept(q, c, s), verifier.score(q, c, s)
-        # Asked the other way round, the same answer.
-        assert not verifier.accept(c, q, s)
+        assert decision.index is None, decision
+        # Asked the other way round, the same answer; and the same without token embeddings.
+        assert (await decide(verifier, embedder, c, [q]))[0].index is None
+        assert not verifier.accept(q, c, s)
+
+    async def test_picks_the_right_one_of_several(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
+        """Among near candidates the one that asks the same question is chosen, whatever its rank."""
+        query = "How can I get a visa for Canada?"
+        candidates = ["How can I get a visa for Australia?", "How do I get a visa for Canada?"]
+        decision, sims = await decide(verifier, embedder, query, candidates)
+        assert decision.index == 1, (decision, sims)
 
     def test_batch_form_matches_single_calls(self, verifier: Verifier) -> None:
-        """score_many and accept_many agree with score and accept, candidate by candidate."""
+        """Without tokens, score_many agrees with score candidate by candidate, at the fallback cut."""
         query = "How do I learn Python?"
         candidates = ["How can I learn Python?", "How do I learn Java?", "Why learn Python?"]
         sims = [0.96, 0.85, 0.82]
-        many = verifier.score_many(query, candidates, sims)
+        many, cut = verifier.score_many(query, candidates, sims)
         single = [verifier.score(query, c, s) for c, s in zip(candidates, sims, strict=True)]
         assert np.allclose(many, single)
-        assert list(verifier.accept_many(query, candidates, sims)) == [
-            s >= verifier.threshold for s in single
-        ]
-        assert verifier.score_many(query, [], []).shape == (0,)
+        assert cut == verifier.fallback_threshold
+        assert verifier.score_many(query, [], [])[0].shape == (0,)
+        assert verifier.decide(query, [], []).index is None
 
 
 class TestFeatures:
@@ -185,16 +212,25 @@ async def test_held_out_pairs_beat_plain_cosine(verifier: Verifier, embedder: Lo
     cached = sorted({p["a"] for p in pairs})
     position = {t: i for i, t in enumerate(cached)}
     queries = [p for p in pairs if p["b"] not in position]  # the exact cache answers the others
-    keys = await embedder.embed(cached)
-    asks = await embedder.embed([p["b"] for p in queries])
-    sims = asks @ keys.T
+    keys = await embedder.embed_tokens(cached)
+    asks = await embedder.embed_tokens([p["b"] for p in queries])
+    assert keys.tokens is not None and asks.tokens is not None
+    sims = asks.vectors @ keys.vectors.T
     nearest = sims.argmax(axis=1)
     similarity = sims[np.arange(len(queries)), nearest]
     truth = np.array([p["label"] == 1 and nearest[i] == position[p["a"]] for i, p in enumerate(queries)])
     positives = sum(p["label"] == 1 for p in queries)
     scores = np.array(
         [
-            verifier.score(p["b"], cached[nearest[i]], float(similarity[i])) if similarity[i] >= 0.8 else 0.0
+            verifier.score_many(
+                p["b"],
+                [cached[nearest[i]]],
+                [float(similarity[i])],
+                verifier.project(asks.tokens[i]),
+                [verifier.project(keys.tokens[nearest[i]])],
+            )[0][0]
+            if similarity[i] >= 0.8
+            else 0.0
             for i, p in enumerate(queries)
         ]
     )
