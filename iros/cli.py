@@ -84,6 +84,7 @@ def serve(
         f"[bold]Iros {__version__}[/] serving {len(settings.model_names())} models "
         f"({', '.join(settings.model_names())}) on [cyan]{base}[/]"
         f"{f' with {workers} workers' if workers > 1 else ''}\n"
+        f"  dashboard: [cyan]{base}/dashboard/optimization[/]\n"
         f"  OpenAI base URL: [cyan]{base}/v1[/]   health: {base}/health   ready: {base}/ready\n"
         f"  metrics: {base}/metrics   live: {base}/api/metrics/stream   data: {s.data_dir}\n"
         f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}",

@@ -261,7 +261,11 @@ def bench_soak(
     rate: Annotated[float, typer.Option(help="requests per second, sent whatever the server does")] = 40.0,
     interval: Annotated[float, typer.Option(help="seconds between memory and latency samples")] = 10.0,
     warmup: Annotated[
-        float | None, typer.Option(help="seconds not judged (default: half the run, at most 60)")
+        float | None,
+        typer.Option(help="seconds not judged (default: the 5-minute live window, at most half the run)"),
+    ] = None,
+    cache_entries: Annotated[
+        int | None, typer.Option(help="cache.max_entries (default: a bound the warm-up fills)")
     ] = None,
     output: Annotated[Path | None, typer.Option(help="also write the JSON to this file")] = None,
 ) -> None:
@@ -270,7 +274,7 @@ def bench_soak(
     from iros.soak import run_soak
 
     try:
-        result = run_soak(duration, rate=rate, interval=interval, warmup=warmup)
+        result = run_soak(duration, rate=rate, interval=interval, warmup=warmup, cache_entries=cache_entries)
     except BenchError as exc:
         raise fail(str(exc)) from None
     print_json(result, output)

@@ -29,10 +29,12 @@ import psutil
 import yaml
 
 from iros.bench_processes import BenchError, _sigterm_as_interrupt, _start, _workdir
+from iros.collector import LIVE_WINDOW_SECONDS
 from iros.process import ChildProcess, free_port, tail
 
 TARGETS = {"memory_growth_pct_max": 10.0, "errors_max": 0, "p99_drift_ratio_max": 1.5}
 MODEL = "soak"
+ONE_OFF_SHARE = 0.25  # questions asked once: each a new cache entry
 _TOPICS = (
     "python decorators",
     "the french revolution",
@@ -75,7 +77,7 @@ def _round(value: float) -> float | None:
 
 
 def questions(seed: int = 7) -> Callable[[], str]:
-    """Prompts with Zipf popularity over 30 base questions, plus one in four asked only once."""
+    """Prompts with Zipf popularity over 30 base questions, plus ONE_OFF_SHARE asked only once."""
     rng = np.random.default_rng(seed)
     base = [ask.format(topic) for topic in _TOPICS for ask in _ASKS]
     weights = 1.0 / np.arange(1, len(base) + 1)
@@ -83,19 +85,21 @@ def questions(seed: int = 7) -> Callable[[], str]:
     counter = iter(range(sys.maxsize))
 
     def next_prompt() -> str:
-        if rng.random() < 0.25:
+        if rng.random() < ONE_OFF_SHARE:
             return f"Question {next(counter)}: what is {rng.integers(1, 10**9)} plus {rng.integers(1, 999)}?"
         return base[int(rng.choice(len(base), p=weights))]
 
     return next_prompt
 
 
-def _config(port: int, upstream: int, data_dir: Path) -> dict[str, Any]:
+def _config(port: int, upstream: int, data_dir: Path, cache_entries: int) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": port, "data_dir": str(data_dir)},
         "auth": {"open": True},
         "models": [{"name": MODEL, "backend": "openai", "base_url": f"http://127.0.0.1:{upstream}/v1"}],
-        "cache": {"enabled": True, "exact": True, "semantic": True},
+        # A cache bound the warm-up reaches: after it, entries are evicted as fast as they come, so
+        # growth then is a leak, not the cache filling up as configured.
+        "cache": {"enabled": True, "exact": True, "semantic": True, "max_entries": cache_entries},
         "metrics_collection": {"enabled": True},
         "alerting": {
             "enabled": True,
@@ -207,12 +211,18 @@ def run_soak(
     interval: float = 10.0,
     warmup: float | None = None,
     concurrency: int = 64,
+    cache_entries: int | None = None,
     progress: bool = True,
     keep_dir: Path | None = None,
 ) -> dict[str, Any]:
     if duration <= 0 or rate <= 0 or interval <= 0 or concurrency < 1:
         raise BenchError("--duration, --rate and --interval must be above 0, --concurrency 1 or more")
-    warmup = min(duration / 2, 60.0) if warmup is None else warmup
+    # The warm-up lasts until every bounded in-memory structure can have filled: the live metrics
+    # window (a sketch per series per second for LIVE_WINDOW_SECONDS) is the slowest; a short run
+    # spends half its time warming up.
+    warmup = min(duration / 2, float(LIVE_WINDOW_SECONDS)) if warmup is None else warmup
+    # Default: half the one-off questions the warm-up sends, so the bound is reached before judging.
+    cache_entries = cache_entries or max(100, int(warmup * rate * ONE_OFF_SHARE / 2))
     if not 0 <= warmup < duration:
         raise BenchError("--warmup must be 0 or more and shorter than --duration")
     upstream: ChildProcess | None = None
@@ -232,7 +242,7 @@ def run_soak(
             )
             port = free_port()
             conf = workdir / "iros.yaml"
-            conf.write_text(yaml.safe_dump(_config(port, up_port, workdir / "data")))
+            conf.write_text(yaml.safe_dump(_config(port, up_port, workdir / "data", cache_entries)))
             cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
             iros = _start(ChildProcess(cmd, port, name="iros serve", log_path=workdir / "iros.log"), 60.0)
             assert iros.proc is not None
@@ -261,6 +271,7 @@ def run_soak(
         "duration_s": duration,
         "warmup_s": warmup,
         "rate_rps": rate,
+        "cache_max_entries": cache_entries,
         **result,
         "targets": dict(TARGETS),
         "met": met,

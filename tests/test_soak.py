@@ -64,3 +64,4 @@ def test_a_short_soak_serves_everything_and_reports_each_window() -> None:
     assert len(result["windows"]) >= 7
     assert all(w["rss_mb"] > 50 for w in result["windows"])
     assert result["met"]["errors"] is True
+    assert result["cache_max_entries"] == 100  # the floor: 2 s of warm-up fill far fewer entries
