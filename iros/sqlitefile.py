@@ -107,6 +107,11 @@ class SQLiteFile:
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Workers starting together all saw an old version; the first to get the write lock creates
+            # the schema, the others find it done once they have the lock.
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= self.version:
+                conn.execute("COMMIT")
+                return
             for statement in self.schema.split(";"):
                 if statement.strip():
                     conn.execute(statement)
