@@ -31,6 +31,7 @@ import yaml
 from iros.bench_processes import BenchError, _sigterm_as_interrupt, _start, _workdir
 from iros.collector import LIVE_WINDOW_SECONDS
 from iros.process import ChildProcess, free_port, tail
+from iros.testing import IrosProcess
 
 TARGETS = {"memory_growth_pct_max": 10.0, "errors_max": 0, "p99_drift_ratio_max": 1.5}
 MODEL = "soak"
@@ -229,22 +230,12 @@ def run_soak(
     iros: ChildProcess | None = None
     with _sigterm_as_interrupt(), _workdir(keep_dir) as workdir:
         try:
-            up_port = free_port()
-            upstream = _start(
-                ChildProcess(
-                    [sys.executable, "-m", "iros", "mock-upstream", "--port", str(up_port)],
-                    up_port,
-                    health="/health",
-                    name="iros mock-upstream",
-                    log_path=workdir / "upstream.log",
-                ),
-                20.0,
-            )
+            # The same children the tests start (iros.testing), with their logs kept in the workdir.
+            upstream = _start(IrosProcess.mock_upstream(log_path=workdir / "upstream.log"), 20.0)
             port = free_port()
             conf = workdir / "iros.yaml"
-            conf.write_text(yaml.safe_dump(_config(port, up_port, workdir / "data", cache_entries)))
-            cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
-            iros = _start(ChildProcess(cmd, port, name="iros serve", log_path=workdir / "iros.log"), 60.0)
+            conf.write_text(yaml.safe_dump(_config(port, upstream.port, workdir / "data", cache_entries)))
+            iros = _start(IrosProcess.serve(conf, port, log_path=workdir / "iros.log"), 60.0)
             assert iros.proc is not None
             server = psutil.Process(iros.proc.pid)
             with _bar(progress, duration) as tick:
