@@ -49,6 +49,7 @@ from iros.openapi import document
 from iros.optimization_api import OptimizationAPI
 from iros.optimizer import Optimizer
 from iros.routing import Router
+from iros.sqlitefile import IncompatibleFile
 from iros.tuning import Tuning
 
 log = logging.getLogger("iros")
@@ -160,6 +161,9 @@ class IrosApp:
                 type(exc).__name__,
                 exc,
             )
+            raise
+        except IncompatibleFile as exc:
+            log.critical("cannot start: %s", exc)
             raise
         # Everything built so far (modules, classes, the app) lives as long as the process: out of the
         # collector's way, a full collection scans only what requests allocate, not tens of ms of heap.

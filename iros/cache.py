@@ -21,61 +21,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import logging
-import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from iros import cache_replay
+from iros import cache_plan, cache_replay
+from iros.cache_plan import SHARED, Plan
 from iros.config import CacheSettings
-from iros.errors import IrosError
 from iros.schema import ParsedRequest
 from iros.types import CacheEntry, CacheStore, Embedder
 
 log = logging.getLogger("iros.cache")
 
-SHARED = "_shared"  # the namespace of admin-warmed answers, read by every tenant after its own
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
 # Token embeddings kept for the verifier (about 10 kB an entry: 14 tokens of 384 float16): the most
 # recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
 MAX_TOKEN_BYTES = 128 * 2**20
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
-# Fields that change how an answer is delivered or billed, not what it says: not part of the key.
-_DELIVERY = frozenset({"stream", "stream_options", "user", "metadata", "iros", "store", "service_tier"})
-_MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)")
-
-
-@dataclass(slots=True)
-class Plan:
-    """How the cache treats one request: its keys, and whether it may read and write."""
-
-    namespace: str
-    model: str
-    base: str  # digest of the canonical request (namespace-free)
-    context_base: str  # digest of the same without the last user turn's text
-    prompt: str | None  # the last user turn, for semantic matching; None when there is none
-    read: bool = True
-    write: bool = True
-    max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
-    ttl: float | None = None
-    embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
-    tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
-
-    @property
-    def key(self) -> str:
-        return _scoped(self.namespace, self.base)
-
-    @property
-    def context(self) -> str:
-        return _scoped(self.namespace, self.context_base)
 
 
 @dataclass(slots=True)
@@ -192,60 +162,12 @@ class ResponseCache:
     # --- planning -----------------------------------------------------------------------------
     def plan(self, request: ParsedRequest, principal: str, cache_control: str | None) -> Plan | None:
         """The cache's view of a request, or None when the policy leaves it alone."""
-        data = request.data
-        options = _options(data.pop("iros", None))
-        if not self.settings.enabled or options.get("cache") is False:
-            return None
-        temperature = data.get("temperature")
-        if isinstance(temperature, int | float) and temperature > self.settings.max_temperature:
-            return None
-        read = write = True
-        max_age: float | None = None
-        for directive in (cache_control or "", str(options.get("cache") or "")):
-            lowered = directive.lower()
-            if "no-store" in lowered:
-                write = False
-            if "no-cache" in lowered:
-                read = False
-            if found := _MAX_AGE.search(lowered):
-                max_age = float(found.group(1))
-        if isinstance(options.get("max_age"), int | float):
-            max_age = float(options["max_age"])
-        canonical = {k: v for k, v in data.items() if k not in _DELIVERY}
-        namespace = principal if self.settings.namespace == "key" else "global"
-        messages = canonical.get("messages") or []
-        last = messages[-1] if messages else None
-        prompt = _text(last) if isinstance(last, dict) and last.get("role") == "user" else None
-        context_view = dict(canonical, messages=[*messages[:-1], {"role": "user"}]) if prompt else canonical
-        ttl = options.get("ttl")
-        return Plan(
-            namespace=namespace,
-            model=request.model,
-            base=_digest(canonical),
-            context_base=_digest(context_view),
-            prompt=prompt,
-            read=read,
-            write=write,
-            max_age=max_age,
-            ttl=float(ttl) if isinstance(ttl, int | float) and ttl > 0 else self.settings.ttl_seconds,
-        )
+        return cache_plan.plan(self.settings, request, principal, cache_control)
 
     @staticmethod
     def shared(plan: Plan) -> Plan:
         """The same request in the shared namespace (admin-warmed answers)."""
-        return Plan(
-            SHARED,
-            plan.model,
-            plan.base,
-            plan.context_base,
-            plan.prompt,
-            plan.read,
-            plan.write,
-            plan.max_age,
-            plan.ttl,
-            plan.embedding,
-            plan.tokens,
-        )
+        return dataclasses.replace(plan, namespace=SHARED)
 
     # --- lookup -------------------------------------------------------------------------------
     async def lookup(self, plan: Plan) -> Hit | None:
@@ -479,50 +401,6 @@ class ResponseCache:
             "indexed": len(self.index) if self.index is not None else 0,
             "store": store,
         }
-
-
-def _options(raw: Any) -> dict[str, Any]:
-    """The `iros` body extension: {"cache": false | "no-cache" | "no-store", "max_age": s, "ttl": s}."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or set(raw) - {"cache", "max_age", "ttl"}:
-        raise IrosError(
-            400,
-            'iros: expected an object with cache (false, "no-cache" or "no-store"), max_age and ttl',
-            param="iros",
-            code="invalid_value",
-        )
-    cache = raw.get("cache")
-    if cache is not None and cache is not False and cache not in ("no-cache", "no-store"):
-        raise IrosError(
-            400, 'iros.cache: false, "no-cache" or "no-store"', param="iros.cache", code="invalid_value"
-        )
-    for name in ("max_age", "ttl"):
-        value = raw.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-            raise IrosError(
-                400, f"iros.{name}: seconds, 0 or more", param=f"iros.{name}", code="invalid_value"
-            )
-    return raw
-
-
-def _text(message: dict[str, Any]) -> str | None:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content):  # images and audio are not matched by meaning
-            return "\n".join(parts)
-    return None
-
-
-def _digest(view: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(view, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _scoped(namespace: str, digest: str) -> str:
-    return hashlib.sha256(f"{namespace}\0{digest}".encode()).hexdigest()
 
 
 def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:

@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from iros.cache import Plan, ResponseCache, build_cache
+from iros.cache import ResponseCache, build_cache
+from iros.cache_plan import Plan
 from iros.config import load_settings
 from iros.embedder import Encoded, default_threads
 from iros.schema import parse_request

@@ -26,7 +26,8 @@ from starlette.types import Receive, Scope, Send
 from iros import failover
 from iros.admission import Admission
 from iros.auth import KeyRing
-from iros.cache import SHARED, Hit, Plan, ResponseCache
+from iros.cache import Hit, ResponseCache
+from iros.cache_plan import SHARED, Plan
 from iros.config import Settings
 from iros.errors import IrosError
 from iros.ratelimit import RateLimiter

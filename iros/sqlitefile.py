@@ -9,7 +9,9 @@ await db.close()                          # closes the file, ends the thread; ru
 connect() applies busy_timeout, the caller's pragmas (page_size and auto_vacuum take effect only on a
 new file, before WAL), journal_mode=WAL and synchronous=NORMAL: a crash, kill -9 included, loses at
 most the last transaction and never corrupts the file. It creates the schema in one transaction when
-PRAGMA user_version is below `version`, and refuses a file written by a newer Iros.
+PRAGMA user_version is below `version`. It refuses, with IncompatibleFile, a file written by a newer
+Iros and one whose tables lack columns of the schema its version names (a pre-release layout): no
+retry would make those writable, so the process stops at start and says what to do.
 
 Writes fail (disk full, read-only directory) with sqlite3.Error or OSError; the store keeps its changes
 and retries. report() logs such a failure once per outage, not once per retry:
@@ -37,11 +39,21 @@ from typing import Any, TypeVar
 
 from iros.types import StoreUnavailable
 
-__all__ = ["SQLiteFile"]
+__all__ = ["IncompatibleFile", "SQLiteFile"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class IncompatibleFile(Exception):
+    """A database file this Iros cannot use as it is; the message names the file and what to do."""
+
+
+def _layout(conn: sqlite3.Connection) -> dict[str, set[str]]:
+    """Each table's column names."""
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t!r})")} for t in tables}
 
 
 class SQLiteFile:
@@ -93,11 +105,13 @@ class SQLiteFile:
             conn.execute("PRAGMA synchronous = NORMAL")
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > self.version:
-                raise sqlite3.DatabaseError(
-                    f"schema version {found} is newer than this Iros understands ({self.version})"
+                raise self._incompatible(
+                    f"its schema version {found} is newer than this Iros understands ({self.version})"
                 )
             if found < self.version:
                 self._create(conn)
+            else:
+                self._check_layout(conn)
         except BaseException:
             conn.close()
             raise
@@ -121,6 +135,32 @@ class SQLiteFile:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+
+    def _check_layout(self, conn: sqlite3.Connection) -> None:
+        expected = sqlite3.connect(":memory:")
+        try:
+            expected.executescript(self.schema)
+            wanted = _layout(expected)
+        finally:
+            expected.close()
+        have = _layout(conn)
+        missing = [
+            f"table {table} lacks {', '.join(sorted(columns - have[table]))}"
+            if table in have
+            else f"table {table} is missing"
+            for table, columns in sorted(wanted.items())
+            if table not in have or columns - have[table]
+        ]
+        if missing:
+            raise self._incompatible(
+                f"it says schema version {self.version} but {'; '.join(missing)} (a pre-release layout)"
+            )
+
+    def _incompatible(self, why: str) -> IncompatibleFile:
+        return IncompatibleFile(
+            f"{self.label} {self.path} cannot be used: {why}. Move the file aside (Iros creates a new "
+            "one) or set server.data_dir to another directory"
+        )
 
     def _disconnect(self) -> None:
         if self._conn is not None:

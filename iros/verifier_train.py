@@ -120,10 +120,11 @@ def featurize(data: Data, found: Candidates, features: Featurizer) -> npt.NDArra
     )
 
 
-def training_set(
-    data: Data, subset: npt.NDArray[np.int64], features: Featurizer, rng: np.random.Generator
-) -> Examples:
-    """Candidates the cache would meet (simulated benchmarks) plus every labelled pair, each once."""
+def training_rows(
+    data: Data, subset: npt.NDArray[np.int64], rng: np.random.Generator
+) -> dict[tuple[int, int, bool], float]:
+    """(query text, candidate text, label) -> cosine: the candidates the cache would meet (simulated
+    benchmarks) plus every labelled pair, each once."""
     seen: dict[tuple[int, int, bool], float] = {}
     found = data.benchmarks(subset, TRAIN_REPEATS, rng, NEIGHBOURS)
     for q, c, s, t, k in zip(
@@ -147,6 +148,14 @@ def training_set(
     ):
         if a != b:
             seen.setdefault((b, a, label), s)
+    return seen
+
+
+def training_set(
+    data: Data, subset: npt.NDArray[np.int64], features: Featurizer, rng: np.random.Generator
+) -> Examples:
+    """training_rows() with their hand-made features."""
+    seen = training_rows(data, subset, rng)
     keys = list(seen)
     query = np.fromiter((q for q, _, _ in keys), np.int64, len(keys))
     candidate = np.fromiter((c for _, c, _ in keys), np.int64, len(keys))

@@ -283,3 +283,22 @@ def test_starting_on_a_full_disk_says_what_to_do(tmp_path: Path) -> None:
         assert f"cannot start: the data directory {data} is not usable" in message
         assert "free space there" in message
         filler.unlink()
+
+
+def test_a_stale_metrics_database_is_refused_at_start_with_what_to_do(tmp_path: Path) -> None:
+    """A metrics.db that says schema version 1 in an older layout (a pre-release build's) stops the start
+    with one line naming the file and the fix, instead of serving while every write fails."""
+    data = tmp_path / "data"
+    data.mkdir()
+    stale = sqlite3.connect(data / "metrics.db")
+    stale.execute("CREATE TABLE rollups (series_id INTEGER, res INTEGER, bucket_start INTEGER)")
+    stale.execute("PRAGMA user_version = 1")
+    stale.commit()
+    stale.close()
+    iros = IrosProcess.serve(config(data))
+    with pytest.raises(ProcessFailed):
+        iros.start(timeout=60)
+    message = iros.output()
+    assert f"cannot start: metrics store {data / 'metrics.db'} cannot be used" in message
+    assert "table rollups lacks" in message and "buckets" in message
+    assert "Move the file aside" in message
