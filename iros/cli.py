@@ -219,10 +219,11 @@ def report(
 ) -> None:
     """A daily or weekly performance report from the configured metrics store (analysis, issue 8)."""
     from iros.report_cli import run_report
+    from iros.sqlitefile import IncompatibleFile
 
     try:
         run_report(load_config(config), kind, end, html_file, as_json, Console(), err)
-    except ValueError as exc:
+    except (ValueError, IncompatibleFile) as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"cannot write the report: {exc}") from None

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,6 +34,17 @@ SEED_PANELS = (
     "Model comparison",
     "Cache efficiency",
 )
+
+
+def stale_database(path: Path, table: str) -> None:
+    """A SQLite file that says schema version 1 but holds only `table` (a CREATE TABLE statement): the
+    layout a pre-release build could leave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.execute(table)
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
 
 
 def serve_in_thread(port: int, routes: Sequence[web.AbstractRouteDef], timeout: float = 10.0) -> None:

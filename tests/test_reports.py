@@ -18,6 +18,7 @@ from iros.config import Settings
 from iros.reports import DAY, ReportScheduler, ReportStore, build_report, due_periods
 from iros.tsdb import SQLiteStore
 from iros.types import Samples
+from tests.conftest import stale_database
 
 END = math.floor(1_790_000_000.0 / DAY) * DAY  # a UTC midnight: the daily report covers the day before
 
@@ -219,14 +220,24 @@ class TestCommandLine:
                 }
             )
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "iros", "report", "weekly", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _report("weekly", config)
         assert result.returncode == 2
         assert "no metrics history" in result.stderr and "iros serve" in result.stderr
+
+    def test_a_stale_metrics_database_is_a_clear_cli_error(self, tmp_path: Path) -> None:
+        """A metrics.db in a pre-release layout is named, with what to do, not a traceback."""
+        data = tmp_path / "data"
+        stale_database(data / "metrics.db", "CREATE TABLE rollups (series_id INTEGER)")
+        config = tmp_path / "iros.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {"server": {"data_dir": str(data)}, "models": [{"name": "m", "backend": "simulated"}]}
+            )
+        )
+        result = _report("daily", config)
+        assert result.returncode == 2
+        assert "cannot be used" in result.stderr and "Move the file aside" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 class TestTrendTest:
@@ -246,3 +257,12 @@ class TestTrendTest:
         from iros.analysis import trend
 
         assert trend(now, before, lower_is_better)["direction"] == direction
+
+
+def _report(kind: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "iros", "report", kind, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -26,6 +26,7 @@ import pytest
 from iros.promserver import PrometheusServer
 from iros.redisserver import RedisServer
 from iros.testing import IrosProcess, ProcessFailed, free_port, wait_until
+from tests.conftest import stale_database
 
 CLIENT_KEY = "sk-faults-client"
 ADMIN_KEY = "sk-faults-admin"
@@ -289,12 +290,7 @@ def test_a_stale_metrics_database_is_refused_at_start_with_what_to_do(tmp_path: 
     """A metrics.db that says schema version 1 in an older layout (a pre-release build's) stops the start
     with one line naming the file and the fix, instead of serving while every write fails."""
     data = tmp_path / "data"
-    data.mkdir()
-    stale = sqlite3.connect(data / "metrics.db")
-    stale.execute("CREATE TABLE rollups (series_id INTEGER, res INTEGER, bucket_start INTEGER)")
-    stale.execute("PRAGMA user_version = 1")
-    stale.commit()
-    stale.close()
+    stale_database(data / "metrics.db", "CREATE TABLE rollups (series_id INTEGER, res INTEGER)")
     iros = IrosProcess.serve(config(data))
     with pytest.raises(ProcessFailed):
         iros.start(timeout=60)
