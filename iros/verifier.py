@@ -449,14 +449,6 @@ class Verifier:
         """The fallback trees' scores for rows of FEATURES."""
         return _sigmoid(self.fallback.logits(x))
 
-    def score(self, query: str, candidate: str, similarity: float) -> float:
-        """Without token embeddings: how likely the candidate asks the same as the query (0 to 1)."""
-        return float(self._scores(self.features(query, candidate, similarity)[None, :])[0])
-
-    def accept(self, query: str, candidate: str, similarity: float) -> bool:
-        """Without token embeddings: the fallback trees at their own cut."""
-        return self.score(query, candidate, similarity) >= self.fallback_threshold
-
     def score_many(
         self,
         query: str,

@@ -85,7 +85,7 @@ class TestPackaged:
         """The packaged verifier loads and scores with numpy alone."""
         code = (
             "import sys; from iros.verifier import Verifier; v = Verifier.load(); "
-            "v.accept('How do I learn Python?', 'How can I learn Python?', 0.95); "
+            "v.decide('How do I learn Python?', ['How can I learn Python?'], [0.95]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'torch', 'scipy')))"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -123,7 +123,7 @@ class TestDecisions:
         for q, c in REWORDINGS:
             decision, sims = await decide(verifier, embedder, q, [c])
             assert decision.index == 0, (q, c, sims, decision)
-            score = verifier.score(q, c, sims[0])
+            score = verifier.score_many(q, [c], sims)[0][0]
             assert score >= verifier.threshold_for(0.80, tokens=False), (q, c, sims, score)
 
     async def test_accepts_paraphrases_at_a_lower_precision(
@@ -145,7 +145,7 @@ class TestDecisions:
         assert decision.index is None, decision
         # Asked the other way round, the same answer; and the same without token embeddings.
         assert (await decide(verifier, embedder, c, [q]))[0].index is None
-        assert not verifier.accept(q, c, s)
+        assert verifier.decide(q, [c], [s]).index is None
 
     async def test_picks_the_right_one_of_several(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
         """Among near candidates the one that asks the same question is chosen, whatever its rank."""
@@ -155,12 +155,13 @@ class TestDecisions:
         assert decision.index == 1, (decision, sims)
 
     def test_batch_form_matches_single_calls(self, verifier: Verifier) -> None:
-        """Without tokens, score_many agrees with score candidate by candidate, at the fallback cut."""
+        """Without tokens, scoring several candidates at once agrees with scoring each alone, at the
+        fallback cut."""
         query = "How do I learn Python?"
         candidates = ["How can I learn Python?", "How do I learn Java?", "Why learn Python?"]
         sims = [0.96, 0.85, 0.82]
         many, cut = verifier.score_many(query, candidates, sims)
-        single = [verifier.score(query, c, s) for c, s in zip(candidates, sims, strict=True)]
+        single = [verifier.score_many(query, [c], [s])[0][0] for c, s in zip(candidates, sims, strict=True)]
         assert np.allclose(many, single)
         assert cut == verifier.fallback_threshold
         assert verifier.score_many(query, [], [])[0].shape == (0,)
@@ -184,16 +185,16 @@ class TestFeatures:
         x = verifier.features(query, candidate, 0.5)
         assert x.shape == (len(FEATURES),)
         assert np.all(np.isfinite(x))
-        assert 0.0 <= verifier.score(query, candidate, 0.5) <= 1.0
+        assert 0.0 <= verifier.score_many(query, [candidate], [0.5])[0][0] <= 1.0
 
     def test_under_a_millisecond(self, verifier: Verifier) -> None:
         """Scoring a new query against a cached question takes well under a millisecond."""
         cached = "How can I get a visa for Canada?"
-        verifier.accept("warm up", cached, 0.9)
+        verifier.decide("warm up", [cached], [0.9])
         times = []
         for i in range(300):
             started = time.perf_counter()
-            verifier.accept(f"How do I get a visa for country number {i}?", cached, 0.9)
+            verifier.decide(f"How do I get a visa for country number {i}?", [cached], [0.9])
             times.append(time.perf_counter() - started)
         assert float(np.median(times)) < 0.001
 
