@@ -4,6 +4,7 @@ A killed model server costs no client request; a rule fires under load, changes 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,12 +16,14 @@ from tests.test_routing import ADMIN, _chat_models, ask, wait_for
 
 
 class Load:
-    """Client threads sending `chat` requests until stopped; every status and serving model kept."""
+    """Client threads sending `chat` requests until stopped; every status and serving model kept, with
+    when its request was sent."""
 
     def __init__(self, url: str, threads: int = 4) -> None:
         self.url = url
         self.statuses: Counter[int] = Counter()
         self.models: list[str] = []
+        self.sent: list[tuple[float, str]] = []  # (time.monotonic() at sending, serving model)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
@@ -28,9 +31,11 @@ class Load:
         i = 0
         while not self._stop.is_set():
             i += 1
+            sent = time.monotonic()
             response = ask(self.url, "chat", f"load {n}-{i}")
             self.statuses[response.status_code] += 1
             self.models.append(response.headers.get("x-iros-model", "-"))
+            self.sent.append((sent, self.models[-1]))
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -77,9 +82,15 @@ def test_rule_fires_under_load_changes_routing_and_reverts(speeds: dict[str, Iro
         assert live()["models.lightweight_only"] is False
         with Load(iros.url) as load:
             wait_for(lambda: live()["models.lightweight_only"], "the rule to fire under load")
-            fired = len(load.models)
-            wait_for(lambda: len(load.models) >= fired + 30, "requests after the rule fired")
-            routed = set(load.models[fired + 8 :])
+            # Only requests sent after the switch was seen: one sent before it may still be on a slow
+            # model and come back after many fast ones.
+            fired = time.monotonic()
+
+            def after() -> list[str]:
+                return [model for sent, model in list(load.sent) if sent > fired]
+
+            wait_for(lambda: len(after()) >= 30, "requests after the rule fired")
+            routed = set(after())
         assert routed == {"mid"}, routed
         assert set(load.statuses) == {200}
         wait_for(lambda: not live()["models.lightweight_only"], "the action to revert after the load")
