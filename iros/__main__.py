@@ -1,3 +1,3 @@
-from iros.cli import main
+from iros.cli.main import main
 
 main()

@@ -1,7 +1,10 @@
-"""Builds the ASGI app: the chat-completions pipeline in front, Starlette routes for the rest.
+"""Assembly: the one place that builds Iros's parts and joins them, and the outer ASGI app.
 
-app = create_app(load_settings("iros.yaml"))
+app = create_app(load_settings("iros.yaml"))    # check_settings first: conditions parse, profiles exist
 uvicorn.run(app)
+
+Every part gets what it needs through its constructor, built here in dependency order; nothing is
+attached to a part after it is built.
 """
 
 from __future__ import annotations
@@ -12,105 +15,103 @@ import gc
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
-from iros import __version__
-from iros.admission import Admission
-from iros.alert_api import AlertAPI
-from iros.alerting import AlertEngine
-from iros.analysis_api import AnalysisAPI
-from iros.auth import KeyRing, Principal, Role
-from iros.bottlenecks import TimedEmbedder
-from iros.cache import build_cache
-from iros.cache_api import CacheAPI
-from iros.config import Settings
-from iros.dashboard import DashboardPages, SessionCookieMiddleware, Sessions
-from iros.dashboard_api import DashboardAPI
-from iros.errors import IrosError
-from iros.exposition import mark_worker_gone
-from iros.gateway import Gateway
-from iros.metrics_api import MetricsAPI
-from iros.metrics_dashboard_api import MetricsDashboardAPI
-from iros.metrics_live_api import MetricsLiveAPI
-from iros.monitor import Monitor
-from iros.openapi import document
-from iros.optimization_api import OptimizationAPI
-from iros.optimizer import Optimizer
-from iros.routing import Router
-from iros.sqlitefile import IncompatibleFile
-from iros.tuning import Tuning
+from iros.alerting.engine import AlertEngine
+from iros.alerting.rules import condition_problem
+from iros.api.alerts import AlertAPI
+from iros.api.analysis import AnalysisAPI, OptimizationComparisonAPI
+from iros.api.feedback import FeedbackAPI
+from iros.api.live import MetricsLiveAPI
+from iros.api.metrics import MetricsAPI
+from iros.api.monitoring import MonitoringAPI
+from iros.api.optimization import CacheTuningAPI, OptimizationAPI
+from iros.api.system import SystemAPI
+from iros.backends.simulation import PROFILES
+from iros.cache.engine import ResponseCache, build_cache
+from iros.conditions.parse import ConditionError
+from iros.config import ConfigError, Settings
+from iros.core.admission import Admission
+from iros.core.errors import IrosError
+from iros.core.sqlitefile import IncompatibleFile
+from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
+from iros.gateway.auth import KeyRing
+from iros.gateway.pipeline import Gateway
+from iros.gateway.sessions import Sessions
+from iros.metrics.exposition import mark_worker_gone
+from iros.metrics.monitor import Monitor
+from iros.optimization.optimizer import Optimizer, compile_rule
+from iros.optimization.tuning import Tuning
+from iros.routing.router import Router
 
 log = logging.getLogger("iros")
 CHAT_PATH = "/v1/chat/completions"
 
 
+def check_settings(settings: Settings) -> None:
+    """What the settings cannot check by themselves, because it needs the parts: every alert condition
+    and optimizer trigger parses, every simulated profile exists. Raises ConfigError, in load_settings'
+    format, naming each bad field."""
+    problems = []
+    for i, model in enumerate(settings.models):
+        if model.backend == "simulated" and model.profile not in PROFILES:
+            problems.append(
+                f"models[{i}]: unknown simulated profile {model.profile!r}; known: {', '.join(PROFILES)}"
+            )
+    blocks = [("alerting", settings.alerting.alert_rules)]
+    if settings.live_alerting is not None:
+        blocks.append(("live_alerting", settings.live_alerting.alert_rules))
+    for block, rules in blocks:
+        for i, rule in enumerate(rules):
+            if problem := condition_problem(rule):
+                problems.append(f"{block}.alert_rules[{i}].condition: {problem}")
+    for i, trigger in enumerate(settings.optimization.auto_optimization.optimization_rules):
+        try:
+            compile_rule(trigger)
+        except ConditionError as exc:
+            where = f"optimization.auto_optimization.optimization_rules[{i}].trigger"
+            problems.append(f"{where}: {exc.message}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
 class IrosApp:
-    """The outer ASGI app: one comparison sends the hot path past all routing."""
+    """The outer ASGI app: one comparison sends the hot path past all routing; the lifespan starts and
+    stops the parts in order."""
 
     def __init__(
         self,
         settings: Settings,
         gateway: Gateway,
-        router: Router,
-        keyring: KeyRing,
-        monitor: Monitor | None = None,
-        optimizer: Optimizer | None = None,
+        routes: list[BaseRoute],
+        *,
+        monitor: Monitor | None,
+        cache: ResponseCache | None,
+        optimizer: Optimizer,
+        analysis: AnalysisAPI | None,
+        alerts: AlertEngine | None,
     ) -> None:
         self.settings = settings
-        self.optimizer = optimizer
         self.gateway = gateway
-        self.router = router
-        self.keyring = keyring
+        self.router = gateway.router
         self.monitor = monitor
-        self.started_at = time.time()
-        self._openapi: bytes | None = None
-        routes: list[BaseRoute] = [
-            Route("/health", self.health, methods=["GET"]),
-            Route("/ready", self.ready, methods=["GET"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-            Route("/api/system/status", self.system_status, methods=["GET"]),
-            Route("/api/config", self.config, methods=["GET"]),
-            Route("/openapi.json", self.openapi, methods=["GET"]),
-        ]
-        if monitor is not None:
-            routes += MetricsAPI(monitor, keyring).routes()
-            routes += MetricsDashboardAPI(monitor, keyring).routes()
-            routes += MetricsLiveAPI(monitor, keyring).routes()
-            routes += DashboardAPI(monitor, keyring, gateway.cache is not None).routes()
-        if gateway.cache is not None:
-            routes += CacheAPI(gateway, keyring).routes()
-        if optimizer is not None:
-            routes += OptimizationAPI(optimizer, keyring).routes()
-        # Profiler, bottlenecks, reports (and their scheduler), capacity planning, troubleshooting.
-        self.analysis = None
-        if monitor is not None:
-            audit = optimizer.compare if optimizer is not None else None
-            self.analysis = AnalysisAPI(settings, monitor, gateway, keyring, audit)
-            routes += self.analysis.routes()
-        # Alerting: rules over the live KPIs, notifications through channels (iros/alerting.py).
-        self.alerts = None
-        if monitor is not None and settings.alerting.enabled:
-            self.alerts = _alert_engine(settings, monitor)
-            routes += AlertAPI(self.alerts, keyring).routes()
-        # The dashboard: its page, login form and assets; its session cookie works on every route.
-        sessions = Sessions.for_data_dir(keyring, Path(settings.server.data_dir))
-        routes += DashboardPages(keyring, sessions).routes()
+        self.cache = cache
+        self.optimizer = optimizer
+        self.analysis = analysis
+        self.alerts = alerts
         self.routes = Starlette(
             routes=routes,
-            middleware=[Middleware(SessionCookieMiddleware, sessions=sessions)],
+            middleware=[Middleware(SessionCookieMiddleware)],
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
             lifespan=self._lifespan,
         )
@@ -176,11 +177,10 @@ class IrosApp:
     async def _start_parts(self) -> None:
         if self.monitor is not None:
             await self.monitor.start()
-        if self.gateway.cache is not None:
+        if self.cache is not None:
             await asyncio.to_thread(Path(self.settings.server.data_dir).mkdir, parents=True, exist_ok=True)
-            await self.gateway.cache.start()
-        if self.optimizer is not None:
-            await self.optimizer.start()
+            await self.cache.start()
+        await self.optimizer.start()
         if self.analysis is not None:
             await self.analysis.start()
         if self.alerts is not None:
@@ -191,95 +191,13 @@ class IrosApp:
             await self.alerts.close()
         if self.analysis is not None:
             await self.analysis.close()
-        if self.optimizer is not None:
-            await self.optimizer.close()
-        if self.gateway.cache is not None:
-            await self.gateway.cache.close()
+        await self.optimizer.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self.monitor is not None:
             await self.monitor.close()
             mark_worker_gone()
         await self.router.aclose()
-
-    async def openapi(self, request: Request) -> Response:
-        if self._openapi is None:
-            self._openapi = orjson.dumps(document(self.routes.routes, CHAT_PATH))
-        return Response(self._openapi, media_type="application/json")
-
-    def _auth(self, request: Request, need: Role = Role.CLIENT) -> Principal:
-        return self.keyring.authenticate(request.headers.get("authorization"), need)
-
-    async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "version": __version__})
-
-    async def ready(self, request: Request) -> Response:
-        deployments = list(self.router.all())
-        checks = await asyncio.gather(*(d.backend.ready() for d in deployments))
-        models: dict[str, dict[str, Any]] = {}
-        for d, check in zip(deployments, checks, strict=True):
-            entry = models.setdefault(d.name, {"ready": False, "deployments": []})
-            entry["deployments"].append({"deployment": d.label, "ready": check.ready, "detail": check.detail})
-            entry["ready"] = entry["ready"] or check.ready
-        # Ready when every model has at least one deployment that answers.
-        ok = all(m["ready"] for m in models.values())
-        return JSONResponse({"ready": ok, "models": models}, status_code=200 if ok else 503)
-
-    def _model_card(self, name: str) -> dict[str, Any]:
-        first = self.router.deployments[name][0].settings
-        return {
-            "id": name,
-            "object": "model",
-            "created": int(self.started_at),
-            "owned_by": "iros",
-            "group": first.group,
-            "tags": first.tags,
-            "deployments": len(self.router.deployments[name]),
-        }
-
-    async def models(self, request: Request) -> Response:
-        self._auth(request)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.router.names]})
-
-    async def model(self, request: Request) -> Response:
-        self._auth(request)
-        name = request.path_params["model"]
-        if name not in self.router.deployments:
-            raise IrosError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        return JSONResponse(self._model_card(name))
-
-    async def system_status(self, request: Request) -> Response:
-        self._auth(request)
-        admission = self.gateway.admission
-        status, kpis = "unknown", None
-        if self.monitor is not None:
-            report = self.monitor.current(300.0)
-            status, kpis = report["status"], report["kpis"]
-        return JSONResponse(
-            {
-                "status": status,
-                "kpis": kpis,
-                "version": __version__,
-                "uptime_seconds": round(time.time() - self.started_at, 3),
-                "active_requests": admission.active,
-                "queued_requests": admission.queued,
-                "max_concurrency": admission.limit,
-                "max_queue": admission.max_queue,
-                "models": self.router.names,
-            }
-        )
-
-    async def config(self, request: Request) -> Response:
-        self._auth(request, Role.ADMIN)
-        return JSONResponse(redacted(self.settings))
-
-
-def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective settings, with every key and secret replaced by a marker."""
-    data = settings.model_dump(mode="json")
-    for kind in ("api_keys", "admin_keys"):
-        data["auth"][kind] = [
-            {"name": k["name"], "key_env": k["key_env"], "key": "***"} for k in data["auth"][kind]
-        ]
-    return data
 
 
 async def _iros_error(request: Request, exc: Exception) -> Response:
@@ -305,40 +223,64 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await _iros_error(request, error)
 
 
-def _alert_engine(settings: Settings, monitor: Monitor) -> AlertEngine:
-    engine = AlertEngine.build(settings, monitor)
-    # Every live message (/ws/metrics, SSE) carries the active alerts; transitions go out as they happen.
-    build = monitor.hub.build
-    monitor.hub.build = lambda: {**build(), "alerts": engine.summary()}
-    return engine
-
-
-def create_app(settings: Settings, router: Router | None = None) -> IrosApp:
+def create_app(settings: Settings) -> IrosApp:
+    check_settings(settings)
     server = settings.server
+    data_dir = Path(server.data_dir)
+    keyring = KeyRing(settings.auth, Sessions.for_data_dir(data_dir))
+    admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
+    monitor = Monitor(settings, admission) if settings.metrics_collection.enabled else None
+    cache = None
+    if settings.cache.enabled:
+        # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
+        note_stage = monitor.collector.note_stage if monitor is not None else None
+        cache = build_cache(settings.cache, data_dir, note_stage)
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
-    tuning = Tuning(settings)
-    router = router or Router(
+    tuning = Tuning(settings, admission, cache)
+    router = Router(
         settings.models,
         optimization=settings.optimization,
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    router.selector.live = tuning
-    keyring = KeyRing(settings.auth)
-    admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
-    cache = build_cache(settings.cache, Path(settings.server.data_dir)) if settings.cache.enabled else None
     gateway = Gateway(settings, router, keyring, admission, cache)
-    tuning.bind(admission, cache)
-    gateway.tuning = tuning
-    monitor = None
-    if settings.metrics_collection.enabled:
-        monitor = Monitor(settings, admission)
+    if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
-        if cache is not None and cache.embedder is not None:
-            # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
-            cache.embedder = TimedEmbedder(cache.embedder, monitor.collector.note_stage)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
-    return IrosApp(settings, gateway, router, keyring, monitor, optimizer)
+
+    system = SystemAPI(settings, router, admission, keyring, monitor, CHAT_PATH)
+    routes = system.routes()
+    analysis = alerts = None
+    if monitor is not None:
+        routes += MetricsAPI(monitor, keyring).routes()
+        routes += FeedbackAPI(monitor, keyring).routes()
+        routes += MonitoringAPI(monitor, keyring, cache is not None).routes()
+        routes += MetricsLiveAPI(monitor, keyring).routes()
+        if settings.alerting.enabled:
+            # Rules over the live KPIs, notifications through channels; every live message (/ws/metrics,
+            # SSE) carries the active alerts, and transitions go out as they happen.
+            alerts = AlertEngine.build(settings, monitor)
+            monitor.hub.add_section("alerts", alerts.summary)
+            routes += AlertAPI(alerts, keyring).routes()
+        # Profiler, bottlenecks, reports (and their scheduler), capacity planning, troubleshooting.
+        analysis = AnalysisAPI(settings, monitor, gateway, keyring, optimizer)
+        routes += analysis.routes()
+    if cache is not None:
+        routes += CacheTuningAPI(gateway, cache, tuning, keyring).routes()
+    routes += OptimizationAPI(optimizer, keyring).routes()
+    routes += OptimizationComparisonAPI(optimizer, keyring).routes()
+    # The dashboard: its page, login form and assets; its session cookie works on every route.
+    routes += DashboardPages(keyring).routes()
+    return IrosApp(
+        settings,
+        gateway,
+        routes,
+        monitor=monitor,
+        cache=cache,
+        optimizer=optimizer,
+        analysis=analysis,
+        alerts=alerts,
+    )
 
 
 def worker_app() -> IrosApp:

@@ -1,7 +1,13 @@
+"""Fixtures and helpers every test package shares, and the e2e rule: a test that starts a process (Iros,
+a model server, Redis, Prometheus, Chromium, wrk) is marked e2e, so `pytest -m "not e2e"` is the fast
+loop. A test that starts one without the mark fails and says so."""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from iros.testing import IrosProcess, free_port
+from iros.testing.iros import IrosProcess, free_port
 
 CLIENT_KEY = "sk-client-test"
 ADMIN_KEY = "sk-admin-test"
@@ -34,6 +40,44 @@ SEED_PANELS = (
     "Model comparison",
     "Cache efficiency",
 )
+
+
+E2E_HINT = "starts a process: mark it e2e (pytestmark = pytest.mark.e2e, or @pytest.mark.e2e)"
+_UNMARKED: list[str] = []  # the unmarked test now running (set up, called), if any
+_STARTS_A_PROCESS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.system", "os.exec"})
+
+
+def _refuse_unmarked_processes(event: str, args: tuple[Any, ...]) -> None:
+    # Every way Python starts a program raises one of these audit events first (asyncio's too).
+    if _UNMARKED and event in _STARTS_A_PROCESS:
+        raise AssertionError(f"{_UNMARKED[-1]} {E2E_HINT}")
+
+
+sys.addaudithook(_refuse_unmarked_processes)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _unless_e2e(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _unless_e2e(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _unless_e2e(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("e2e") is not None:
+        yield
+        return
+    _UNMARKED.append(item.nodeid)
+    try:
+        yield
+    finally:
+        _UNMARKED.pop()
 
 
 def stale_database(path: Path, table: str) -> None:

@@ -1,15 +1,15 @@
-"""Backends: one per kind of model server, each implementing iros.types.Backend."""
+"""Backends: one per kind of model server, each implementing iros.backends.base.Backend."""
 
 from __future__ import annotations
 
+from iros.backends.base import Backend
 from iros.config import ModelSettings
-from iros.types import Backend
 
 
 def build_backend(settings: ModelSettings) -> Backend:
     if settings.backend == "simulated":
         from iros.backends.simulated import SimulatedBackend
-        from iros.simulation import PROFILES
+        from iros.backends.simulation import PROFILES
 
         return SimulatedBackend(
             PROFILES[settings.profile], settings.target_model, read_timeout=settings.timeouts.read_seconds

@@ -14,10 +14,10 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from iros.backends.base import Completion, Readiness
 from iros.config import ModelSettings
-from iros.errors import UpstreamError
-from iros.spans import Spans
-from iros.types import Completion, Readiness
+from iros.core.errors import UpstreamError
+from iros.core.spans import Spans
 
 _DONE = b"[DONE]"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from iros.errors import UpstreamError
-from iros.simulation import (
+from iros.backends.base import Completion, Readiness
+from iros.backends.simulation import (
     CUT_AFTER_CHUNKS,
     InvalidRequest,
     Plan,
@@ -25,8 +25,8 @@ from iros.simulation import (
     new_request_id,
     plan,
 )
-from iros.spans import Spans
-from iros.types import Completion, Readiness
+from iros.core.errors import UpstreamError
+from iros.core.spans import Spans
 
 HANG_SECONDS = 3600.0
 
@@ -56,7 +56,7 @@ SERVER_ERROR_BODY = error_body("the simulated model failed (a simulated fault)",
 
 
 class SimulatedBackend:
-    """A Backend (iros.types) answering from iros.simulation; see PROFILES for the fault profiles."""
+    """A Backend (backends/base.py) answering from simulation.py; see PROFILES for the fault profiles."""
 
     def __init__(
         self,

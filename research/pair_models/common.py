@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from iros.verifier_data import (
+from tools.verifier.data import (
     DEFAULT_DATA,
     FOLDS,
     REPEATS,
@@ -26,8 +26,8 @@ from iros.verifier_data import (
     split_holdout,
     unique_texts,
 )
-from iros.verifier_eval import best_cut, precision_at
-from iros.verifier_train import training_rows
+from tools.verifier.eval import best_cut, precision_at
+from tools.verifier.train import training_rows
 
 OUT = Path(__file__).resolve().parents[2] / ".cache" / "iros" / "research"
 GATE = 0.80  # the cache's default similarity threshold

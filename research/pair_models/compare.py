@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from common import GATE, OUT, fold0, show
 
-from iros.verifier_data import SEED, TokenStore, cache_dir
-from iros.verifier_tokens import TokenProjection
-from iros.verifier_train import Aligner, train
+from iros.cache.verifier.tokens import TokenProjection
+from tools.verifier.data import SEED, TokenStore, cache_dir
+from tools.verifier.train import Aligner, train
 
 fold = fold0()
 val = fold.val

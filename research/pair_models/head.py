@@ -14,7 +14,7 @@ import torch
 from common import OUT, fold0, show
 from torch import nn
 
-from iros.verifier_data import TokenStore, cache_dir
+from tools.verifier.data import TokenStore, cache_dir
 
 D = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 EPOCHS = int(sys.argv[2]) if len(sys.argv) > 2 else 4

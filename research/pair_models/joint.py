@@ -18,7 +18,7 @@ import torch
 from common import GATE, OUT, fold0, show
 from torch import nn
 
-from iros.embedder import PACKAGED_MODEL, load_local_model
+from iros.cache.embedder import PACKAGED_MODEL, load_local_model
 
 K = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 EPOCHS = float(sys.argv[2]) if len(sys.argv) > 2 else 2

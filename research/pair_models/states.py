@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from common import OUT, texts
 
-from iros.embedder import PACKAGED_MODEL, load_local_model
-from iros.verifier_tokens import MAX_TOKENS
+from iros.cache.embedder import PACKAGED_MODEL, load_local_model
+from iros.cache.verifier.tokens import MAX_TOKENS
 
 K = int(sys.argv[1])
 torch.set_num_threads(2)

@@ -1,0 +1,329 @@
+"""Model selection, resource and rule tuning, and the audit of what changed (admin key).
+
+GET  /api/optimization/models                   scores, averages and selection shares per model
+PUT  /api/optimization/models/tune              {"prefer_speed": true, "quality_threshold": 0.8}
+GET  /api/optimization/resources
+PUT  /api/optimization/resources/tune           {"cpu_limit": 4.0, "memory_limit_mb": 4096}
+GET  /api/optimization/rules
+PUT  /api/optimization/rules                    {"rules": [...], "dry_run": true, "cooldown_seconds": 60}
+GET  /api/optimization/settings                 every live setting by name
+GET  /api/optimization/audit?limit=100          every change: rule, time, before and after
+PUT  /api/optimization/cache/tune              {target_hit_rate, max_memory_mb, similarity_threshold, ttl}
+POST /api/optimization/cache/warm              {"prompts": [...], "model": "...", "params": {...}}
+                                                or {"from_misses": 20}
+GET  /api/optimization/cache                   DELETE /api/optimization/cache[?namespace=]
+
+Each action's KPIs before and after are at /api/analysis/compare/optimizations (api/analysis.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from iros.api.base import AdminAPI
+from iros.api.params import limit_param
+from iros.cache.engine import ResponseCache
+from iros.conditions.parse import ConditionError
+from iros.config import OptimizationRule
+from iros.core.errors import IrosError, bad, error_path
+from iros.gateway.auth import KeyRing
+from iros.gateway.pipeline import Gateway
+from iros.optimization.optimizer import Optimizer
+from iros.optimization.tuning import Tuning, floor_threshold
+
+MAX_AUDIT = 1000
+TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
+MAX_WARM = 1000  # prompts per warm call
+_RULES = TypeAdapter(list[OptimizationRule])
+
+
+class OptimizationAPI(AdminAPI):
+    def __init__(self, optimizer: Optimizer, keyring: KeyRing) -> None:
+        super().__init__(keyring)
+        self.optimizer = optimizer
+        self.tuning = optimizer.tuning
+        self.router = optimizer.router
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/optimization/models", self.models, methods=["GET"]),
+            Route("/api/optimization/models/tune", self.tune_models, methods=["PUT"]),
+            Route("/api/optimization/resources", self.resources, methods=["GET"]),
+            Route("/api/optimization/resources/tune", self.tune_resources, methods=["PUT"]),
+            Route("/api/optimization/rules", self.rules, methods=["GET"]),
+            Route("/api/optimization/rules", self.put_rules, methods=["PUT"]),
+            Route("/api/optimization/settings", self.live_settings, methods=["GET"]),
+            Route("/api/optimization/audit", self.audit, methods=["GET"]),
+        ]
+
+    async def _json(self, request: Request, known: set[str]) -> dict[str, Any]:
+        body = await self._json_object(request)
+        if unknown := set(body) - known:
+            raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
+        return body
+
+    # --- models -------------------------------------------------------------------------------
+    def _models_view(self) -> dict[str, Any]:
+        options = self.router.optimization.model_optimization
+        return {
+            "prefer_speed": self.tuning.prefer_speed,
+            "quality_threshold": self.tuning.quality_threshold,
+            "lightweight_only": self.tuning.lightweight_only,
+            "weights": dict(
+                zip(
+                    ("response_time_weight", "resource_usage_weight", "accuracy_weight"),
+                    (round(w, 4) for w in self.router.selector.weights()),
+                    strict=True,
+                )
+            ),
+            "model_optimization": options.model_dump(),
+            **self.router.status(),
+        }
+
+    async def models(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse(self._models_view())
+
+    async def tune_models(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json(request, {"prefer_speed", "quality_threshold", "lightweight_only"})
+        if not body:
+            raise bad("give prefer_speed, quality_threshold or lightweight_only")
+        changed = await self.tuning.set({f"models.{k}": v for k, v in body.items()}, "api:models/tune")
+        return JSONResponse({"applied": changed, **self._models_view()})
+
+    # --- resources ----------------------------------------------------------------------------
+    def _resources_view(self) -> dict[str, Any]:
+        monitor = self.optimizer.monitor
+        sample = monitor.sampler.latest if monitor is not None else None
+        return {
+            "cpu_limit": self.tuning.cpu_limit,
+            "memory_limit_mb": self.tuning.memory_limit_mb,
+            "enforced": self.tuning.enforced
+            or {
+                "max_concurrency": self.tuning.get("server.max_concurrency"),
+                "cache_max_memory_mb": self.tuning.get_if_available("cache.max_memory_mb"),
+                "embedding_batch_size": self.tuning.get_if_available("embedder.max_batch"),
+            },
+            "process": None
+            if sample is None
+            else {
+                "cpu_percent": sample.process_cpu_percent,
+                "memory_mb": round(sample.process_memory_bytes / 2**20, 1),
+            },
+        }
+
+    async def resources(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse(self._resources_view())
+
+    async def tune_resources(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json(request, {"cpu_limit", "memory_limit_mb"})
+        if not body:
+            raise bad("give cpu_limit (cores) and/or memory_limit_mb; null lifts a limit")
+        changed = await self.tuning.set({f"resources.{k}": v for k, v in body.items()}, "api:resources/tune")
+        return JSONResponse({"applied": changed, **self._resources_view()})
+
+    # --- rules --------------------------------------------------------------------------------
+    async def rules(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse(self.optimizer.rules_status())
+
+    async def put_rules(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json(request, {"rules", "dry_run", "enabled", "cooldown_seconds"})
+        for flag in ("dry_run", "enabled"):
+            if flag in body and not isinstance(body[flag], bool):
+                raise bad(f"{flag}: true or false", flag)
+        cooldown = body.get("cooldown_seconds")
+        if "cooldown_seconds" in body and (
+            isinstance(cooldown, bool) or not isinstance(cooldown, int | float) or not 0 <= cooldown <= 86400
+        ):
+            raise bad("cooldown_seconds: a number from 0 to 86400", "cooldown_seconds")
+        if "rules" in body:
+            if not isinstance(body["rules"], list) or len(body["rules"]) > 100:
+                raise bad("rules: a list of at most 100 {name, trigger, actions}", "rules")
+            try:
+                rules = _RULES.validate_python(body["rules"])
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = error_path(("rules", *first["loc"]))
+                raise bad(f"{where}: {first['msg']}", "rules") from None
+            names = [r.name for r in rules]
+            if len(set(names)) != len(names):
+                raise bad("rules: each rule needs a name of its own", "rules")
+            try:
+                await self.optimizer.replace_rules(rules)
+            except ConditionError as exc:
+                raise bad(f"trigger: {exc.message}", "rules") from None
+        if "dry_run" in body:
+            await self.optimizer.set_dry_run(body["dry_run"])
+        if "enabled" in body:
+            self.optimizer.enabled = body["enabled"]
+        if "cooldown_seconds" in body:
+            self.optimizer.cooldown = float(cooldown)  # type: ignore[arg-type]
+        return JSONResponse(self.optimizer.rules_status())
+
+    # --- settings, audit, comparison ----------------------------------------------------------
+    async def live_settings(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse(self.tuning.snapshot())
+
+    async def audit(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse({"entries": await self.optimizer.log.rows(limit_param(request, 100, MAX_AUDIT))})
+
+
+class CacheTuningAPI(AdminAPI):
+    """/api/optimization/cache*: its changes go through the live settings the optimizer uses (and audits)."""
+
+    def __init__(self, gateway: Gateway, cache: ResponseCache, tuning: Tuning, keyring: KeyRing) -> None:
+        super().__init__(keyring)
+        self.gateway = gateway
+        self.cache = cache
+        self.tuning = tuning
+
+    async def _set(self, changes: dict[str, Any]) -> None:
+        await self.tuning.set(changes, "api:cache/tune")
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/optimization/cache", self.status, methods=["GET"]),
+            Route("/api/optimization/cache", self.clear, methods=["DELETE"]),
+            Route("/api/optimization/cache/tune", self.tune, methods=["PUT"]),
+            Route("/api/optimization/cache/warm", self.warm, methods=["POST"]),
+        ]
+
+    async def status(self, request: Request) -> Response:
+        self._admin(request)
+        return JSONResponse(await self.cache.stats())
+
+    async def clear(self, request: Request) -> Response:
+        self._admin(request)
+        namespace = request.query_params.get("namespace")
+        removed = await self.cache.store.clear(namespace)
+        return JSONResponse({"removed": removed, "namespace": namespace})
+
+    # --- tune ---------------------------------------------------------------------------------
+    async def tune(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json_object(request)
+        known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
+        if unknown := set(body) - known:
+            raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
+        settings = self.cache.settings
+        changes: dict[str, Any] = {}
+        notes: list[str] = []
+        floor = self.floor_threshold()
+        if "similarity_threshold" in body:
+            value = _number(body, "similarity_threshold", 0.0, 1.0)
+            await self._set({"cache.similarity_threshold": value})
+            changes["similarity_threshold"] = value
+            if value < floor:
+                notes.append(
+                    f"similarity_threshold {value} is below {floor:.3f}, where the verifier's measured "
+                    f"precision falls under the floor {settings.precision_floor}"
+                )
+        if "target_hit_rate" in body:
+            target = _number(body, "target_hit_rate", 0.0, 1.0)
+            stats = await self.cache.stats()
+            current = stats["hit_rate"]
+            before = self.cache.threshold
+            if current is None:
+                notes.append("no lookups yet: the threshold stays until there is a hit rate to compare")
+            elif current < target:
+                # More hits means a lower threshold, but never below the precision floor's threshold.
+                await self._set({"cache.similarity_threshold": max(round(before - TUNE_STEP, 4), floor)})
+                if self.cache.threshold == before:
+                    notes.append(
+                        f"hit rate {current} is under the target {target}, but the threshold is at the "
+                        f"precision floor ({settings.precision_floor}); more hits need more entries "
+                        "(warming, longer TTL, more memory), not a looser match"
+                    )
+            elif current > target + 0.05:
+                await self._set({"cache.similarity_threshold": min(round(before + TUNE_STEP, 4), 1.0)})
+            changes["target_hit_rate"] = target
+            changes["similarity_threshold"] = self.cache.threshold
+            changes["hit_rate_before"] = current
+        if "max_memory_mb" in body or "ttl" in body:
+            limits: dict[str, Any] = {}
+            if "max_memory_mb" in body:
+                limits["cache.max_memory_mb"] = changes["max_memory_mb"] = _number(
+                    body, "max_memory_mb", 1.0, 1e7
+                )
+            if "ttl" in body:
+                ttl = body["ttl"]
+                if ttl is not None:
+                    ttl = _number(body, "ttl", 1.0, 1e9)
+                limits["cache.ttl_seconds"] = changes["ttl"] = ttl
+            await self._set(limits)  # the live settings object applies the store's new limits
+        return JSONResponse(
+            {
+                "applied": changes,
+                "similarity_threshold": self.cache.threshold,
+                "precision_floor": settings.precision_floor,
+                "floor_threshold": floor,
+                "notes": notes,
+            }
+        )
+
+    def floor_threshold(self) -> float:
+        """The lowest similarity threshold whose measured precision (the verifier's cross-validation
+        curve) stays at or above the precision floor; the configured threshold without a curve."""
+        return floor_threshold(self.cache)
+
+    # --- warm ---------------------------------------------------------------------------------
+    async def warm(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json_object(request)
+        params = body.get("params") or {}
+        if not isinstance(params, dict) or "messages" in params or "model" in params or "stream" in params:
+            raise bad("params: an object of request parameters (temperature, max_tokens, ...)", "params")
+        if "from_misses" in body:
+            n = body["from_misses"]
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WARM:
+                raise bad(f"from_misses: a count from 1 to {MAX_WARM}", "from_misses")
+            jobs = [(model, prompt) for (model, prompt), _ in self.cache.misses.most_common(n)]
+        else:
+            prompts, model = body.get("prompts"), body.get("model")
+            if (
+                not isinstance(prompts, list)
+                or not prompts
+                or not all(isinstance(p, str) and p for p in prompts)
+            ):
+                raise bad("prompts: a non-empty list of strings (or give from_misses)", "prompts")
+            if len(prompts) > MAX_WARM:
+                raise bad(f"at most {MAX_WARM} prompts per call", "prompts")
+            if not isinstance(model, str) or model not in self.gateway.router.deployments:
+                raise bad(f"model: one of {', '.join(self.gateway.router.names)}", "model")
+            jobs = [(model, p) for p in prompts]
+        began = time.perf_counter()
+        results = await asyncio.gather(*(self._warm_one(m, p, params) for m, p in jobs))
+        summary: dict[str, int] = {}
+        for outcome in results:
+            summary[outcome["outcome"]] = summary.get(outcome["outcome"], 0) + 1
+        return JSONResponse(
+            {"warmed": summary, "results": results, "seconds": round(time.perf_counter() - began, 3)}
+        )
+
+    async def _warm_one(self, model: str, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            outcome = await self.gateway.warm(model, prompt, params)
+            return {"model": model, "prompt": prompt, "outcome": outcome}
+        except IrosError as exc:
+            return {"model": model, "prompt": prompt, "outcome": "failed", "error": exc.message}
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise bad(f"{name}: a number from {low:g} to {high:g}", name)
+    return float(value)

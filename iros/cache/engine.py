@@ -1,0 +1,466 @@
+"""The response cache: exact answers by a hash of the canonical request, semantic ones by the meaning of
+the last user turn, checked by a verifier before they are served.
+
+plan = cache.plan(request, principal, cache_control)     # None: this request is not cacheable
+hit = await cache.lookup(plan)                           # exact, then semantic; None on a miss
+body_or_chunks = cache.replay(hit, request_id, stream=..., include_usage=...)
+cache.save(plan, completion, upstream_ms)                # after a good answer; written in the background
+
+Scope of a semantic match: the namespace (tenant), the model and everything in the request but the
+last user turn must be identical (the `context` hash), so a follow-up in another conversation never
+matches. Answers warmed by an admin live in a shared namespace every tenant reads after its own.
+
+The semantic rule (one rule, live-tunable through `similarity_threshold`): of the verifier's
+`neighbours` nearest cached questions in scope whose cosine is at least the threshold, the verifier
+(verifier/) scores each and the best is served if it reaches the verifier's cut. The query's token
+embeddings come from the same forward pass as its vector; each entry's (projected, float16) are kept
+in memory from when it was stored, or computed once when an entry came from the store or a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from iros.cache import plan as cache_plan
+from iros.cache import replay as cache_replay
+from iros.cache.base import CacheEntry, CacheStore, Embedder
+from iros.cache.plan import SHARED, Plan
+from iros.config import CacheSettings
+from iros.core.schema import ParsedRequest
+
+if TYPE_CHECKING:  # both load lazily: usearch, and the verifier's parameters, only for the semantic part
+    from iros.cache.index import VectorIndex
+    from iros.cache.verifier.model import Verifier
+
+log = logging.getLogger("iros.cache")
+
+CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
+# Token embeddings kept for the verifier (about 10 kB an entry: 14 tokens of 384 float16): the most
+# recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
+MAX_TOKEN_BYTES = 128 * 2**20
+MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
+
+
+@dataclass(slots=True)
+class Hit:
+    entry: CacheEntry
+    kind: str  # "hit" (exact) or "semantic_hit"
+    similarity: float = 1.0
+
+
+class ResponseCache:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: CacheStore,
+        embedder: Embedder | None = None,
+        verifier: Verifier | None = None,
+        index_factory: Callable[[int], VectorIndex] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.verifier = verifier
+        self.index_factory = index_factory
+        self.index: Any = None  # VectorIndex over entry embeddings, keyed by entry key, once semantic is up
+        self.threshold = settings.similarity_threshold
+        self.semantic_ready = False
+        self._contexts: dict[str, str] = {}  # entry key -> its context, to filter index candidates
+        self._prompts: dict[str, str] = {}  # entry key -> its prompt, for the verifier
+        # entry key -> its prompt's token embeddings as the verifier keeps them (LRU, MAX_TOKEN_BYTES).
+        self._tokens: OrderedDict[str, np.ndarray[Any, Any]] = OrderedDict()
+        self._token_bytes = 0
+        self._saves: set[asyncio.Task[None]] = set()
+        self._loader: asyncio.Task[None] | None = None
+        self.misses: Counter[tuple[str, str]] = Counter()  # (model, prompt) of recent misses, for warming
+        self._miss_order: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Similarity of the best semantic candidate per lookup, in 0.05-wide bins, by what became of it.
+        self.similarity_bins: dict[str, np.ndarray[Any, Any]] = {
+            k: np.zeros(20, dtype=np.int64) for k in ("served", "verifier_rejected", "below_threshold")
+        }
+        self.verifier_rejections = 0
+        self.counts: Counter[str] = Counter()
+        self.top: Counter[str] = Counter()  # hits per entry key (bounded below)
+        self.saved_tokens = 0
+        self.saved_ms = 0.0
+        self.hits_by_hour: Counter[tuple[int, str]] = Counter()  # (unix hour, kind)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.store.start(self)
+        except Exception as exc:
+            # Redis down at startup: lookups fail fast and count as misses until it answers again.
+            log.warning(
+                "cache store %s not available at start (%s); serving without it meanwhile",
+                self.store.name,
+                exc,
+            )
+        if self.settings.semantic and self.embedder is not None and self.index_factory is not None:
+            # Loading the embedding model takes seconds: serve (exact hits included) meanwhile.
+            self._loader = asyncio.create_task(self._load_semantic())
+
+    async def _load_semantic(self) -> None:
+        assert self.embedder is not None and self.index_factory is not None
+        try:
+            await self.embedder.start()
+            index = self.index_factory(self.embedder.dim)
+            # The saved index if there is one; whatever the store holds that it lacks is added.
+            loaded = await asyncio.to_thread(index.load)
+            keys, vectors = [], []
+            async for entry in self.store.entries():
+                self._remember(entry)
+                if entry.embedding is not None and not (loaded and entry.key in index):
+                    keys.append(entry.key)
+                    vectors.append(entry.embedding)
+            if keys:
+                await asyncio.to_thread(index.add_many, keys, np.stack(vectors))
+            self.index = index
+            self.semantic_ready = True
+            log.info("semantic cache ready: %d entries indexed with %s", len(keys), self.embedder.name)
+        except Exception:
+            log.exception("semantic cache unavailable: the embedder did not start; exact caching goes on")
+
+    async def semantic_started(self, within: float) -> bool:
+        """Wait until the semantic part is ready: False if it failed to start (the log says why) or is
+        not ready within `within` seconds."""
+        deadline = time.monotonic() + within
+        while not self.semantic_ready:
+            if self._loader is None or self._loader.done() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loader
+        if self._saves:
+            await asyncio.gather(*self._saves, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            if self.index is not None:
+                await asyncio.to_thread(self.index.save)
+        if self.embedder is not None:
+            await self.embedder.aclose()
+        await self.store.close()
+
+    # --- CacheListener: keep the index in step with the store (this replica's and others') -----
+    def _remember(self, entry: CacheEntry) -> None:
+        self._contexts[entry.key] = entry.context
+        self._prompts[entry.key] = entry.prompt
+
+    def added(self, entry: CacheEntry) -> None:
+        self._remember(entry)
+        if self.index is not None and entry.embedding is not None:
+            self.index.add(entry.key, entry.embedding)
+
+    def removed(self, key: str) -> None:
+        self._contexts.pop(key, None)
+        self._prompts.pop(key, None)
+        self._drop_tokens(key)
+        if self.index is not None:
+            self.index.remove(key)
+
+    # --- planning -----------------------------------------------------------------------------
+    def plan(self, request: ParsedRequest, principal: str, cache_control: str | None) -> Plan | None:
+        """The cache's view of a request, or None when the policy leaves it alone."""
+        return cache_plan.plan(self.settings, request, principal, cache_control)
+
+    @staticmethod
+    def shared(plan: Plan) -> Plan:
+        """The same request in the shared namespace (admin-warmed answers)."""
+        return dataclasses.replace(plan, namespace=SHARED)
+
+    # --- lookup -------------------------------------------------------------------------------
+    async def lookup(self, plan: Plan) -> Hit | None:
+        if not plan.read:
+            return None
+        now = time.time()
+        if self.settings.exact:
+            for candidate in (plan, self.shared(plan)):
+                entry = await self.store.get(candidate.key)
+                if entry is not None and _fresh(entry, plan, now):
+                    self._hit(entry, "hit")
+                    return Hit(entry, "hit")
+        if plan.prompt and self.semantic_ready:
+            hit = await self._semantic(plan, now)
+            if hit is not None:
+                self._hit(hit.entry, "semantic_hit")
+                return hit
+        self._missed(plan)
+        return None
+
+    async def _embed(self, texts: list[str]) -> tuple[np.ndarray[Any, Any], list[Any] | None]:
+        """Vectors, and the verifier's projection of each text's tokens where the embedder gives them."""
+        assert self.embedder is not None
+        embed_tokens = getattr(self.embedder, "embed_tokens", None)
+        verifier = self.verifier if self.settings.verifier else None
+        if verifier is None or verifier.tokens is None or embed_tokens is None:
+            return await self.embedder.embed(texts), None
+        encoded = await embed_tokens(texts)
+        if encoded.tokens is None:
+            return encoded.vectors, None
+        return encoded.vectors, [verifier.project(t) for t in encoded.tokens]
+
+    def _keep_tokens(self, key: str, tokens: np.ndarray[Any, Any] | None) -> None:
+        if tokens is None:
+            return
+        self._drop_tokens(key)
+        self._tokens[key] = tokens
+        self._token_bytes += tokens.nbytes
+        while self._token_bytes > MAX_TOKEN_BYTES and len(self._tokens) > 1:
+            _, old = self._tokens.popitem(last=False)
+            self._token_bytes -= old.nbytes
+
+    def _drop_tokens(self, key: str) -> None:
+        old = self._tokens.pop(key, None)
+        if old is not None:
+            self._token_bytes -= old.nbytes
+
+    async def _candidate_tokens(self, keys: list[str]) -> list[Any] | None:
+        """The kept token projections of these entries; those missing (entries that came from the store
+        or another replica) are embedded once, together, and kept."""
+        found = [self._tokens.get(key) for key in keys]
+        missing = [i for i, tokens in enumerate(found) if tokens is None]
+        if missing:
+            _, computed = await self._embed([self._prompts.get(keys[i], "") for i in missing])
+            if computed is None:
+                return None
+            for i, tokens in zip(missing, computed, strict=True):
+                found[i] = tokens
+                self._keep_tokens(keys[i], tokens)
+        for key in keys:
+            if key in self._tokens:
+                self._tokens.move_to_end(key)
+        return found
+
+    async def _semantic(self, plan: Plan, now: float) -> Hit | None:
+        assert self.embedder is not None and self.index is not None and plan.prompt is not None
+        vectors, tokens = await self._embed([plan.prompt])
+        vector = vectors[0]
+        plan.embedding = vector
+        plan.tokens = tokens[0] if tokens else None
+        contexts = {plan.context, self.shared(plan).context}
+        matches = [
+            (key, similarity)
+            for key, similarity in self.index.search(vector[None, :], CANDIDATES)[0]
+            if self._contexts.get(key) in contexts
+        ]
+        if not matches:
+            return None
+        bin_ = min(int(max(matches[0][1], 0.0) * 20), 19)
+        verifier = self.verifier if self.settings.verifier else None
+        # The verifier chooses among its `neighbours` nearest above the threshold; plain cosine takes
+        # the nearest.
+        width = verifier.neighbours if verifier is not None else 1
+        above = [(key, similarity) for key, similarity in matches[:width] if similarity >= self.threshold]
+        if not above:
+            self.similarity_bins["below_threshold"][bin_] += 1
+            return None
+        key, similarity = above[0]
+        if verifier is not None:
+            keys = [k for k, _ in above]
+            candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
+            decision = verifier.decide(
+                plan.prompt,
+                [self._prompts.get(k, "") for k in keys],
+                [s for _, s in above],
+                plan.tokens,
+                candidate_tokens,
+            )
+            if decision.index is None:
+                self.verifier_rejections += 1
+                self.similarity_bins["verifier_rejected"][bin_] += 1
+                return None
+            key, similarity = above[decision.index]
+            bin_ = min(int(max(similarity, 0.0) * 20), 19)
+        entry = await self.store.get(key)
+        if entry is None or not _fresh(entry, plan, now):
+            return None
+        self.similarity_bins["served"][bin_] += 1
+        return Hit(entry, "semantic_hit", similarity)
+
+    def _hit(self, entry: CacheEntry, kind: str) -> None:
+        self.counts[kind] += 1
+        self.saved_tokens += entry.completion_tokens + entry.prompt_tokens
+        self.saved_ms += entry.upstream_ms
+        self.hits_by_hour[(int(time.time() // 3600), kind)] += 1
+        self.top[entry.key] += 1
+        if len(self.top) > 20_000:
+            # Keep the heavy hitters: drop the entries hit once.
+            for key in [k for k, n in self.top.items() if n <= 1]:
+                del self.top[key]
+        self._background(self.store.record_hit(entry.key, "exact" if kind == "hit" else "semantic"))
+
+    def _missed(self, plan: Plan) -> None:
+        self.counts["miss"] += 1
+        if plan.prompt:
+            # Bounded: the most recent distinct misses, with how often each came back.
+            key = (plan.model, plan.prompt)
+            self.misses[key] += 1
+            self._miss_order[key] = None
+            self._miss_order.move_to_end(key)
+            if len(self._miss_order) > 10_000:
+                old, _ = self._miss_order.popitem(last=False)
+                del self.misses[old]
+
+    # --- saving -------------------------------------------------------------------------------
+    def acceptable(self, completion: dict[str, Any]) -> bool:
+        """Only whole answers whose every choice finished for an allowed reason."""
+        choices = completion.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return False
+        allowed = self.settings.finish_reasons
+        return all(isinstance(c, dict) and c.get("finish_reason") in allowed for c in choices)
+
+    def save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
+        """Store a good answer in the background; the response never waits for it."""
+        if not plan.write or not self.acceptable(completion):
+            return
+        if len(self._saves) >= MAX_PENDING_SAVES:
+            self.counts["save_dropped"] += 1
+            return
+        self._background(self._save(plan, completion, upstream_ms, served_by))
+
+    async def store_now(
+        self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str
+    ) -> None:
+        """Store an answer and wait for it (cache warming)."""
+        await self._save(plan, completion, upstream_ms, served_by)
+
+    async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
+        embedding, tokens = plan.embedding, plan.tokens
+        if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
+            vectors, projected = await self._embed([plan.prompt])
+            embedding, tokens = vectors[0], projected[0] if projected else None
+        found = completion.get("usage")
+        usage: dict[str, Any] = found if isinstance(found, dict) else {}
+        now = time.time()
+        entry = CacheEntry(
+            key=plan.key,
+            namespace=plan.namespace,
+            context=plan.context,
+            model=served_by,
+            prompt=plan.prompt or "",
+            body=orjson.dumps(completion),
+            created_at=now,
+            expires_at=now + plan.ttl if plan.ttl else None,
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            upstream_ms=upstream_ms,
+            embedding=embedding,
+        )
+        # Kept before the store tells the index, so a lookup that finds the entry finds its tokens.
+        self._keep_tokens(entry.key, tokens)
+        await self.store.put(entry)
+        self.counts["saved"] += 1
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._saves.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._saves.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counts["store_errors"] += 1
+            log.warning("cache write failed: %s", task.exception())
+
+    # --- replay (replay.py) ------------------------------------------------------------------
+    @staticmethod
+    def replay_json(hit: Hit, request_id: str) -> bytes:
+        return cache_replay.replay_json(hit.entry, request_id)
+
+    @staticmethod
+    def replay_chunks(hit: Hit, request_id: str, include_usage: bool) -> list[bytes]:
+        return cache_replay.replay_chunks(hit.entry, request_id, include_usage)
+
+    @staticmethod
+    def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
+        return cache_replay.assemble(chunks)
+
+    # --- control ------------------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        store = await self.store.stats()
+        lookups = self.counts["hit"] + self.counts["semantic_hit"] + self.counts["miss"]
+        return {
+            "enabled": self.settings.enabled,
+            "semantic_ready": self.semantic_ready,
+            "similarity_threshold": self.threshold,
+            "verifier": bool(self.verifier is not None and self.settings.verifier),
+            "lookups": lookups,
+            "exact_hits": self.counts["hit"],
+            "semantic_hits": self.counts["semantic_hit"],
+            "misses": self.counts["miss"],
+            "hit_rate": round((lookups - self.counts["miss"]) / lookups, 4) if lookups else None,
+            "verifier_rejections": self.verifier_rejections,
+            "saved": self.counts["saved"],
+            "store_errors": self.counts["store_errors"],
+            "indexed": len(self.index) if self.index is not None else 0,
+            "store": store,
+        }
+
+
+def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:
+    if entry.expires_at is not None and entry.expires_at <= now:
+        return False
+    return plan.max_age is None or now - entry.created_at <= plan.max_age
+
+
+def build_cache(
+    settings: CacheSettings, data_dir: Path, note_stage: Callable[[str, float], None] | None = None
+) -> ResponseCache:
+    """The configured cache: its store, and for the semantic part the embedder, index and verifier.
+    With `note_stage` (the collector's), each embedding call's time is told as the `embedding` stage."""
+    store: CacheStore
+    memory = int(settings.max_memory_mb * 2**20)
+    if settings.store.backend == "redis":
+        from iros.cache.stores.redis import RedisCacheStore
+
+        assert settings.store.url is not None  # validated in config
+        store = RedisCacheStore(
+            settings.store.url,
+            settings.store.prefix,
+            max_entries=settings.max_entries,
+            max_memory_bytes=memory,
+            ttl_seconds=settings.ttl_seconds,
+            eviction=settings.eviction,
+        )
+    else:
+        from iros.cache.stores.sqlite import SQLiteCacheStore
+
+        store = SQLiteCacheStore(
+            Path(settings.store.path) if settings.store.path else data_dir / "cache.db",
+            max_entries=settings.max_entries,
+            max_memory_bytes=memory,
+            ttl_seconds=settings.ttl_seconds,
+            eviction=settings.eviction,
+        )
+    if not settings.semantic:
+        return ResponseCache(settings, store)
+    from iros.cache.embedder import TimedEmbedder, build_embedder
+    from iros.cache.index import VectorIndex
+    from iros.cache.verifier.model import Verifier
+
+    index_path = data_dir / "cache-index.usearch"
+
+    def index(dim: int) -> VectorIndex:
+        return VectorIndex(dim, index_path)
+
+    embedder: Embedder = build_embedder(settings.embedder)
+    if note_stage is not None:
+        embedder = TimedEmbedder(embedder, note_stage)
+    return ResponseCache(settings, store, embedder, Verifier.load(), index)

@@ -1,0 +1,1 @@
+"""The `iros` command line."""

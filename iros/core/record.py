@@ -1,0 +1,110 @@
+"""RequestRecord: what happened to one request, handed to every observer when it ends.
+
+record = RequestRecord(request_id, time.time(), Spans())
+gateway.observers.append(lambda record: print(record.status, record.spans.ms()["overhead"]))
+note_result(record, completion)   # usage and finish_reason from a whole answer (note_chunk: a chunk)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from iros.core.spans import Spans
+
+access_log = logging.getLogger("iros.access")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request; observers (metrics, logs, analysis) read it when it ends."""
+
+    request_id: str
+    started_at: float
+    spans: Spans
+    principal: str = "-"
+    model: str | None = None
+    deployment: str | None = None
+    stream: bool = False
+    status: int = 0
+    cache: str = "bypass"
+    attempts: int = 0
+    chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    client_gone: bool = False
+    body_bytes: int = 0
+    # Streams: perf_counter_ns of the first and last chunk sent, the longest pause between two, and
+    # how many pauses exceeded the stall threshold.
+    first_chunk_ns: int = 0
+    last_chunk_ns: int = 0
+    max_gap_ns: int = 0
+    stalls: int = 0
+    # Kept for a sample of requests only (metrics_collection.relevance_sample_rate): the request and
+    # the answer, for the question-answer relevance score computed off the request path.
+    sampled: bool = False
+    payload: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
+    chunk_log: list[bytes] | None = None
+    # perf_counter_ns when the call that answered began and (not streaming) ended; 0 for none.
+    upstream_start_ns: int = 0
+    upstream_end_ns: int = 0
+    coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
+
+
+Observer = Callable[[RequestRecord], None]
+
+
+def upstream_ms(spans: Spans) -> float:
+    d = spans.durations
+    return (d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)) / 1e6
+
+
+def note_result(record: RequestRecord, data: dict[str, Any]) -> None:
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        record.finish_reason = choices[0].get("finish_reason")
+
+
+def note_chunk(record: RequestRecord, data: bytes) -> None:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(chunk, dict):
+        usage, choices = chunk.get("usage"), chunk.get("choices")
+        if isinstance(usage, dict):
+            record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        if (
+            isinstance(choices, list)
+            and choices
+            and isinstance(choices[0], dict)
+            and choices[0].get("finish_reason")
+        ):
+            record.finish_reason = choices[0]["finish_reason"]
+
+
+def log_access(record: RequestRecord) -> None:
+    ms = record.spans.ms()
+    access_log.info(
+        "%s %s model=%s via=%s status=%d cache=%s stream=%s total_ms=%.2f overhead_ms=%.3f attempts=%d%s",
+        record.request_id,
+        record.principal,
+        record.model,
+        record.deployment,
+        record.status,
+        record.cache,
+        record.stream,
+        ms["total"],
+        ms["overhead"],
+        record.attempts,
+        f" error={record.error}" if record.error else "",
+    )

@@ -1,0 +1,1 @@
+"""The web dashboard: its page, login form, session cookies and static assets."""

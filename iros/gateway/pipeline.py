@@ -1,0 +1,397 @@
+"""The request pipeline of /v1/chat/completions: auth → parse → cache → route → queue → call → respond.
+
+A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
+speaks ASGI directly instead of going through a framework's request and response objects.
+
+gateway = Gateway(settings, router, keyring, admission, cache)
+gateway.observers.append(collector.observe)   # each RequestRecord (core/record.py) when it ends
+await gateway(scope, receive, send)           # streams go out through stream_relay.relay
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter_ns
+from typing import Any, TypeVar
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from iros.backends.base import Completion
+from iros.cache.engine import Hit, ResponseCache
+from iros.cache.plan import SHARED, Plan
+from iros.config import Settings
+from iros.core.admission import Admission
+from iros.core.errors import IrosError
+from iros.core.record import Observer, RequestRecord, log_access, note_result, upstream_ms
+from iros.core.schema import ParsedRequest, parse_request
+from iros.core.spans import Spans
+from iros.gateway.auth import KeyRing
+from iros.gateway.ratelimit import RateLimiter
+from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
+from iros.gateway.singleflight import SingleFlight, request_key
+from iros.routing import failover
+from iros.routing.router import Deployment, Router, take_min_accuracy
+
+T = TypeVar("T")
+
+log = logging.getLogger("iros.gateway")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        keyring: KeyRing,
+        admission: Admission,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.router = router
+        self.keyring = keyring
+        self.admission = admission
+        self.max_body = settings.server.max_body_bytes
+        self.ratelimit = RateLimiter(settings.auth.burst)
+        self.observers: list[Observer] = []
+        metrics = settings.metrics_collection
+        self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
+        self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
+        # Request ids: a random per-process prefix and a counter; unique across workers, cheaper than uuid4.
+        self._id_prefix = os.urandom(5).hex()
+        self._ids = itertools.count(1)
+        if settings.server.access_log:
+            self.observers.append(log_access)
+        # Identical requests in flight at once share one upstream call.
+        self.flight: SingleFlight[tuple[Deployment, Completion]] | None = (
+            SingleFlight() if settings.optimization.single_flight else None
+        )
+        self.observers.append(self._measure)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spans = Spans()
+        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
+        try:
+            if scope["method"] != "POST":
+                raise IrosError(
+                    405,
+                    "use POST for /v1/chat/completions",
+                    code="method_not_allowed",
+                    headers={"allow": "POST"},
+                )
+            authorization = content_length = cache_control = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"content-length":
+                    content_length = value
+                elif name == b"cache-control":
+                    cache_control = value
+            principal = self.keyring.authenticate(authorization)
+            record.principal = principal.name
+            self.ratelimit.check(principal)
+            spans.lap("auth")
+            request = parse_request(await self._read_body(receive, content_length))
+            record.model, record.stream = request.model, request.stream
+            if self.sample_rate and random.random() < self.sample_rate:
+                record.sampled, record.payload = True, request.data
+                if request.stream:
+                    record.chunk_log = []
+            min_accuracy = take_min_accuracy(request.data)
+            spans.lap("parse")
+            plan = None
+            if self.cache is None:
+                request.data.pop("iros", None)  # Iros's own extension never goes upstream
+            else:
+                plan = self.cache.plan(
+                    request, principal.name, cache_control and cache_control.decode("latin-1")
+                )
+                if plan is not None:
+                    hit = await self._lookup(plan)
+                    record.cache = hit.kind if hit is not None else "miss"
+                    if hit is not None:
+                        spans.lap("cache")
+                        await self._replay(hit, request, record, send)
+                        return
+            spans.lap("cache")
+            candidates = self.router.candidates(request.model, min_accuracy)
+            spans.lap("route")
+            await self.admission.acquire()
+            spans.lap("queue")
+            try:
+                if request.stream:
+                    await self._stream(request, candidates, record, receive, send, plan)
+                else:
+                    await self._complete(request, candidates, record, send, plan)
+            finally:
+                self.admission.release()
+        except IrosError as exc:
+            record.status, record.error = exc.status, exc.code or exc.type
+            await self._send_error(send, exc, record)
+        except _ClientGone:
+            record.status, record.client_gone = 499, True
+        except Exception:
+            # A bug, not bad input: say so once, keep serving.
+            log.exception("request %s failed inside Iros", record.request_id)
+            # record.status is set when the response starts; after that only the connection can be dropped.
+            started = record.status != 0
+            record.status, record.error = 500, "internal_error"
+            if not started:
+                await self._send_error(
+                    send,
+                    IrosError(
+                        500,
+                        f"internal error (request {record.request_id})",
+                        type="server_error",
+                        code="internal_error",
+                    ),
+                    record,
+                )
+        finally:
+            spans.finish()
+            for observer in self.observers:
+                try:
+                    observer(record)
+                except Exception:
+                    log.exception("observer %r failed", observer)
+
+    async def warm(self, model: str, prompt: str, params: dict[str, Any]) -> str:
+        """Ask the model once and cache its answer in the shared namespace (cache warming).
+
+        Returns "cached", "already_cached" or "not_cacheable"; upstream failures raise IrosError.
+        """
+        assert self.cache is not None
+        data = {**params, "model": model, "messages": [{"role": "user", "content": prompt}]}
+        request = ParsedRequest(data=data, model=model, stream=False, include_usage=False)
+        plan = self.cache.plan(request, SHARED, None)
+        if plan is None:
+            return "not_cacheable"
+        if await self.cache.store.get(plan.key) is not None:
+            return "already_cached"
+        candidates = self.router.candidates(model)
+        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), Spans())
+        await self.admission.acquire()
+        try:
+
+            async def complete(deployment: Deployment) -> Completion:
+                return await deployment.backend.complete(data, record.spans)
+
+            deployment, completion = await self._call(candidates, record, complete)
+        finally:
+            self.admission.release()
+        if not self.cache.acceptable(completion.data):
+            return "not_cacheable"
+        await self.cache.store_now(plan, completion.data, upstream_ms(record.spans), deployment.name)
+        return "cached"
+
+    async def _lookup(self, plan: Plan) -> Hit | None:
+        assert self.cache is not None
+        try:
+            return await self.cache.lookup(plan)
+        except Exception as exc:
+            # A cache that cannot answer (Redis down, embedder failing) is bypassed, never fatal.
+            log.warning("cache lookup failed, going upstream: %s", exc)
+            plan.write = False
+            return None
+
+    async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
+        completion = orjson.loads(hit.entry.body)
+        note_result(record, completion)
+        record.status, record.deployment = 200, f"{hit.entry.model}#cache"
+        if not request.stream:
+            body = ResponseCache.replay_json(hit, record.request_id)
+            record.body_bytes = len(body)
+            headers = response_headers(
+                record, hit.entry.model, [JSON, (b"content-length", b"%d" % len(body))]
+            )
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        else:
+            chunks = ResponseCache.replay_chunks(hit, record.request_id, request.include_usage)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": response_headers(record, hit.entry.model, SSE),
+                }
+            )
+            record.first_chunk_ns = perf_counter_ns()
+            body = b"".join(b"data: " + c + b"\n\n" for c in chunks) + DONE
+            record.chunks, record.body_bytes = len(chunks), len(body)
+            await send({"type": "http.response.body", "body": body})
+            record.last_chunk_ns = perf_counter_ns()
+        record.spans.lap("respond")
+
+    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
+        limit = self.max_body
+        if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+            raise _too_large(limit)
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        part: bytes = message.get("body") or b""
+        if not message.get("more_body"):  # the common case: the whole body in one message
+            if len(part) > limit:
+                raise _too_large(limit)
+            return part
+        # A body that trickles in holds a connection and a task: it gets a deadline (slow clients).
+        timeout = self.settings.server.body_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_rest(receive, part, limit)
+        except TimeoutError:
+            raise IrosError(
+                408, f"the request body did not arrive within {timeout:g} s", code="body_timeout"
+            ) from None
+
+    @staticmethod
+    async def _read_rest(receive: Receive, first: bytes, limit: int) -> bytes:
+        # Joining parts keeps large chunked bodies linear.
+        parts = [first]
+        size = len(first)
+        while True:
+            if size > limit:
+                raise _too_large(limit)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            part: bytes = message.get("body") or b""
+            size += len(part)
+            parts.append(part)
+            if not message.get("more_body"):
+                if size > limit:
+                    raise _too_large(limit)
+                return b"".join(parts)
+
+    async def _call(
+        self,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        call: Callable[[Deployment], Awaitable[T]],
+        hold: bool = False,
+    ) -> tuple[Deployment, T]:
+        """Run `call` on deployments in turn until one answers (see iros.routing.failover)."""
+        return await failover.call(candidates, record, call, self.settings.retry, self.router.selector, hold)
+
+    _done = staticmethod(failover.release)
+
+    def _measure(self, record: RequestRecord) -> None:
+        self.router.observe(record)
+
+    async def _complete(
+        self,
+        request: ParsedRequest,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        send: Send,
+        plan: Plan | None = None,
+    ) -> None:
+        spans = record.spans
+
+        async def complete(deployment: Deployment) -> Completion:
+            return await deployment.backend.complete(request.data, spans)
+
+        async def upstream() -> tuple[Deployment, Completion]:
+            return await self._call(candidates, record, complete)
+
+        if self.flight is None:
+            deployment, completion = await upstream()
+        else:
+            key = request_key(record.principal, request.data)
+            (deployment, completion), shared = await self.flight.do(key, upstream)
+            if shared:
+                # The wait was for the model's answer: upstream time, not Iros's.
+                spans.lap("upstream_connect")
+                record.coalesced, record.deployment, record.attempts = True, deployment.label, 0
+                plan = None  # the call's owner caches the answer
+        note_result(record, completion.data)
+        record.status = 200
+        record.body_bytes = len(completion.body)
+        if record.sampled:
+            record.answer = completion.data
+        headers = response_headers(
+            record, deployment.name, [JSON, (b"content-length", b"%d" % len(completion.body))]
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": completion.body})
+        spans.lap("respond")
+        if plan is not None and self.cache is not None:
+            self.cache.save(plan, completion.data, upstream_ms(spans), deployment.name)
+
+    async def _stream(
+        self,
+        request: ParsedRequest,
+        candidates: list[Deployment],
+        record: RequestRecord,
+        receive: Receive,
+        send: Send,
+        plan: Plan | None = None,
+    ) -> None:
+        spans = record.spans
+
+        # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
+        # for another without the client ever seeing it.
+        async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
+            chunks = deployment.backend.stream(request.data, spans)
+            try:
+                return chunks, await anext(chunks)
+            except StopAsyncIteration:
+                return chunks, None
+
+        deployment, (chunks, first) = await self._call(candidates, record, open_stream, hold=True)
+        try:
+            spans.lap("upstream_ttft")
+            keep: list[bytes] | None = (
+                [] if plan is not None and plan.write and self.cache is not None else None
+            )
+            if keep is not None and first is not None:
+                keep.append(first)
+            complete = await relay(
+                chunks,
+                first,
+                deployment,
+                record,
+                receive,
+                send,
+                keep,
+                stall_ns=self.stall_ns,
+                selector=self.router.selector,
+            )
+        finally:
+            self._done(deployment)
+        if complete and keep is not None and self.cache is not None and plan is not None:
+            # Only a stream that reached [DONE] is put back together and cached.
+            assembled = ResponseCache.assemble(keep)
+            if assembled is not None:
+                self.cache.save(plan, assembled, upstream_ms(spans), deployment.name)
+
+    async def _send_error(self, send: Send, error: IrosError, record: RequestRecord) -> None:
+        body = error.body()
+        headers = [
+            JSON,
+            (b"content-length", b"%d" % len(body)),
+            (b"x-iros-request-id", record.request_id.encode()),
+            *((k.encode(), v.encode()) for k, v in error.headers.items()),
+        ]
+        try:
+            await send({"type": "http.response.start", "status": error.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:
+            pass
+
+
+def _too_large(limit: int) -> IrosError:
+    return IrosError(
+        413, f"the request body is over the {limit}-byte limit (server.max_body_bytes)", code="body_too_large"
+    )

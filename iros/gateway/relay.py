@@ -1,0 +1,155 @@
+"""The streamed answer's relay: upstream chunks to the client as SSE, timed, cut cleanly on either side.
+
+ok = await relay(chunks, first, deployment, record, receive, send, keep, stall_ns=..., selector=...)
+# True once [DONE] went out; a failed upstream ends with an error event (never [DONE]), a client that
+# hangs up cancels the upstream (record.status 499). Headers are sent first, from response_headers().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from time import perf_counter_ns
+
+from starlette.types import Receive, Send
+
+from iros.core.errors import UpstreamError
+from iros.core.record import RequestRecord, note_chunk
+from iros.routing.router import Deployment
+from iros.routing.selection import Selector
+
+log = logging.getLogger("iros.gateway")
+
+JSON = (b"content-type", b"application/json")
+SSE = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+
+
+def response_headers(
+    record: RequestRecord, model: str, base: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """`base` and Iros's own: request id, the model that answered, the cache outcome, the overhead so far."""
+    overhead = record.spans.overhead_ns(time.perf_counter_ns()) / 1e6
+    return [
+        *base,
+        (b"x-iros-request-id", record.request_id.encode()),
+        (b"x-iros-model", model.encode()),
+        (b"x-iros-cache", record.cache.encode()),
+        (b"x-iros-overhead-ms", b"%.3f" % overhead),
+    ]
+
+
+async def relay(
+    chunks: AsyncIterator[bytes],
+    first: bytes | None,
+    deployment: Deployment,
+    record: RequestRecord,
+    receive: Receive,
+    send: Send,
+    keep: list[bytes] | None = None,
+    *,
+    stall_ns: int,
+    selector: Selector,
+) -> bool:
+    """Relay the stream; True when it ended with [DONE]. `keep` collects the chunks for the cache."""
+    spans = record.spans
+    record.status = 200
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": response_headers(record, deployment.name, SSE),
+        }
+    )
+    spans.skip()
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"finished": False, "gone": False}
+
+    async def watch() -> None:
+        # A client that hangs up must stop the upstream generation, not leave it running.
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not state["finished"]:
+                    state["gone"] = True
+                    task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        if first is not None:
+            record.chunks = 1
+            note_chunk(record, first)
+            log_chunks = record.chunk_log
+            if log_chunks is not None:
+                log_chunks.append(first)
+            max_gap, stalls, size = 0, 0, len(first)
+            await send({"type": "http.response.body", "body": b"data: " + first + b"\n\n", "more_body": True})
+            last = record.first_chunk_ns = perf_counter_ns()
+            try:
+                async for data in chunks:
+                    now = perf_counter_ns()
+                    # Continuity: the longest wait between chunks and the waits long enough to be felt.
+                    if now - last > max_gap:
+                        max_gap = now - last
+                    if now - last > stall_ns:
+                        stalls += 1
+                    record.chunks += 1
+                    size += len(data)
+                    if log_chunks is not None:
+                        log_chunks.append(data)
+                    if keep is not None:
+                        keep.append(data)
+                    if b'"finish_reason":"' in data or b'"usage":{' in data:
+                        note_chunk(record, data)
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + data + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
+                    last = now
+            finally:
+                record.last_chunk_ns, record.max_gap_ns, record.stalls = last, max_gap, stalls
+                record.body_bytes = size
+        spans.lap("stream")
+        state["finished"] = True
+        await send({"type": "http.response.body", "body": DONE})
+        return True
+    except UpstreamError as exc:
+        spans.lap("stream")
+        state["finished"] = True
+        error = exc.to_client()
+        deployment.breaker.failure()
+        selector.failure(deployment.name)
+        record.error = error.code
+        record.status = error.status
+        log.warning(
+            "request %s: %s stream failed after %d chunks: %s",
+            record.request_id,
+            deployment.label,
+            record.chunks,
+            exc,
+        )
+        # The status line is gone already; an error event tells the client the stream is incomplete.
+        await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+        spans.lap("stream")
+        record.client_gone, record.status = True, 499
+    finally:
+        watcher.cancel()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return False

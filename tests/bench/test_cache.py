@@ -1,0 +1,129 @@
+"""`iros bench cache-quality`, `cache-latency` and `workload` on tiny inputs: the documented figures, sane."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from iros.bench.cache import cache_latency, cache_quality
+from iros.bench.pairs import DEFAULT_PAIRS, Pair, read_pairs
+from iros.bench.workload import SHARES, build_stream, run_workload
+from iros.cache.base import Embedder
+from iros.cache.embedder import build_embedder
+from iros.config import EmbedderSettings
+
+pytestmark = pytest.mark.skipif(not DEFAULT_PAIRS.exists(), reason=f"{DEFAULT_PAIRS} is not here")
+
+
+class Shared:
+    """One loaded model for every bench here: start and close are the fixture's, not the cache's."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.dim = inner.dim
+
+    async def start(self) -> None:
+        return None
+
+    async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return await self.inner.embed(texts)
+
+    async def embed_tokens(self, texts: list[str]) -> Any:
+        return await self.inner.embed_tokens(texts)  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        return None
+
+    @property
+    def batches(self) -> int:
+        return int(getattr(self.inner, "batches", 0))
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[Pair]:
+    return read_pairs(DEFAULT_PAIRS, 300)
+
+
+@pytest.fixture(scope="module")
+async def embedder() -> AsyncIterator[Shared]:
+    inner = build_embedder(EmbedderSettings())
+    await inner.start()
+    yield Shared(inner)
+    await inner.aclose()
+
+
+def test_pairs_are_read_gzipped_or_plain(tmp_path: Path) -> None:
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text('{"a": "x", "b": "y", "label": 1}\n\n{"a": "p", "b": "q", "label": 0}\n')
+    assert read_pairs(plain) == [Pair("x", "y", 1), Pair("p", "q", 0)]
+    assert len(read_pairs(DEFAULT_PAIRS, 5)) == 5
+
+
+def test_the_stream_mixes_repeats_paraphrases_and_one_offs(pairs: list[Pair]) -> None:
+    stream, bases = build_stream(pairs, 400, seed=3)
+    assert len(stream) == 400 and 0 < bases <= 40
+    kinds = {ask.kind for ask in stream}
+    assert kinds == set(SHARES)
+    assert stream == build_stream(pairs, 400, seed=3)[0]  # a fixed seed, a fixed stream
+    one_offs = [ask.text for ask in stream if ask.kind == "one_off"]
+    assert len(set(one_offs)) == len(one_offs)
+
+
+async def test_cache_quality_counts_every_query_once(
+    pairs: list[Pair], embedder: Shared, tmp_path: Path
+) -> None:
+    result = await cache_quality(pairs[:120], tmp_path, embedder=embedder, sample=20)
+    assert result["pairs"] == 120
+    for figures in (result, result["plain_cosine"]):
+        assert figures["queries"] + result["exact_hits"] == 120
+        assert figures["true_hits"] + figures["false_hits"] + figures["misses"] == figures["queries"]
+        assert figures["false_hits"] == (
+            figures["false_hits_on_non_duplicates"] + figures["false_hits_on_another_entry"]
+        )
+        assert figures["recall"] is not None and 0 <= figures["recall"] <= 1
+        assert 0 <= figures["false_hit_rate"] <= 1
+    # The verifier only ever turns hits away: plain cosine serves at least as many.
+    verified = result["true_hits"] + result["false_hits"]
+    assert result["plain_cosine"]["true_hits"] + result["plain_cosine"]["false_hits"] >= verified
+    assert result["plain_cosine"]["true_hits"] > 0
+    assert result["lookup_ms"]["n"] == 20 and result["lookup_ms"]["p50"] > 0
+    assert result["lookup_ms_batched"]["n"] == 120
+    assert set(result["met"]) == {"precision", "recall"}
+
+
+async def test_cache_latency_reports_hits_and_throughput(
+    pairs: list[Pair], embedder: Shared, tmp_path: Path
+) -> None:
+    result = await cache_latency(
+        pairs, tmp_path, entries=40, exact_lookups=200, levels=(1, 8), duration=0.5, embedder=embedder
+    )
+    assert result["exact_hit_ms"]["n"] == 200 and 0 < result["exact_hit_ms"]["p50"] < 50
+    semantic = result["semantic_hit_ms"]["n"] + result["semantic_miss_ms"]["n"]
+    assert 0 < semantic <= 40
+    assert [row["concurrency"] for row in result["throughput"]] == [1, 8]
+    for row in result["throughput"]:
+        assert row["lookups"] > 0 and row["lookups_per_s"] > 0 and row["mean_batch"] >= 1
+    assert result["throughput"][1]["mean_batch"] > 1  # eight callers share model calls
+    assert set(result["met"]) == {"exact_hit_p50_ms", "semantic_hit_p50_ms"}
+
+
+@pytest.mark.e2e
+def test_workload_through_the_gateway_with_and_without_the_cache(pairs: list[Pair]) -> None:
+    result: dict[str, Any] = run_workload(pairs, requests=80, concurrency=8, profile="lightweight")
+    assert result["requests"] == 80
+    assert result["errors"] == {"cache_on": 0, "cache_off": 0}
+    hits = result["hits"]
+    assert hits["exact"] + hits["semantic"] + hits["miss"] == 80
+    assert hits["exact"] > 0  # repeats of popular questions are served from the cache
+    # Beyond the ideal only by serving a wrong answer.
+    assert 0 < result["hit_rate"] <= (result["ceilings"]["ideal"] or 0) + result["false_hit_rate"] + 1e-9
+    assert 0 <= result["false_hit_rate"] <= 1
+    # Hits take milliseconds, the model hundreds: the cached run is faster on average.
+    assert result["cache_on"]["mean_ms"] < result["cache_off"]["mean_ms"]
+    assert result["server_cache_stats"]["verifier"] is True

@@ -1,0 +1,54 @@
+"""Property tests of the cache key: it ignores key order and delivery and changes with any message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from iros.cache.engine import ResponseCache, build_cache
+from iros.config import CacheSettings
+from iros.core.schema import parse_request
+from tests.strategies import PROPERTY, text, valid_requests
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> ResponseCache:
+    return build_cache(CacheSettings(semantic=False), tmp_path_factory.mktemp("cache"))
+
+
+def _plan(cache: ResponseCache, request: dict[str, Any]) -> Any:
+    return cache.plan(parse_request(orjson.dumps(request)), "tenant", None)
+
+
+class TestCacheKey:
+    @PROPERTY
+    @given(valid_requests.map(lambda r: {**r, "temperature": 0}), st.randoms())
+    def test_key_order_and_delivery_do_not_change_the_key(
+        self, cache: ResponseCache, request: dict[str, Any], rnd: Any
+    ) -> None:
+        """The same request with its keys shuffled, streamed or not, has the same cache key."""
+        items = list(request.items())
+        rnd.shuffle(items)
+        shuffled = dict(items, stream=not request["stream"])
+        first, second = _plan(cache, request), _plan(cache, shuffled)
+        assert first is not None and second is not None
+        assert first.key == second.key
+
+    @PROPERTY
+    @given(valid_requests.map(lambda r: {**r, "temperature": 0}), st.integers(0, 4), text)
+    def test_any_changed_message_changes_the_key(
+        self, cache: ResponseCache, request: dict[str, Any], at: int, other: str
+    ) -> None:
+        """Changing any message of the conversation (history or system prompt) gives another key."""
+        msgs = request["messages"]
+        i = at % len(msgs)
+        if msgs[i]["content"] == other:
+            other += "!"
+        changed = dict(request, messages=[*msgs[:i], dict(msgs[i], content=other), *msgs[i + 1 :]])
+        first, second = _plan(cache, request), _plan(cache, changed)
+        assert first is not None and second is not None
+        assert first.key != second.key
