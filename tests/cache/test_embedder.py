@@ -12,7 +12,15 @@ import numpy.typing as npt
 import pytest
 from aiohttp import web
 
-from iros.cache.embedder import EmbedderError, LocalEmbedder, OpenAIEmbedder, build_embedder, pick_device
+from iros.cache.embedder import (
+    EmbedderError,
+    Encoded,
+    LocalEmbedder,
+    OpenAIEmbedder,
+    TimedEmbedder,
+    build_embedder,
+    pick_device,
+)
 from iros.config import EmbedderSettings
 from iros.testing.iros import free_port
 
@@ -293,3 +301,47 @@ def test_build_embedder_picks_the_backend() -> None:
     assert isinstance(build_embedder(EmbedderSettings()), LocalEmbedder)
     remote_settings = EmbedderSettings(backend="openai", base_url="http://127.0.0.1:1/v1")
     assert isinstance(build_embedder(remote_settings), OpenAIEmbedder)
+
+
+class Plain:
+    """An embedder with vectors only, as an OpenAI-compatible server gives."""
+
+    name, dim, max_batch = "plain", 4, 8
+
+    async def start(self) -> None: ...
+
+    async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return np.ones((len(texts), self.dim), dtype=np.float32)
+
+    async def aclose(self) -> None: ...
+
+
+class Tokened(Plain):
+    """An embedder that also gives token embeddings, as the packaged model does."""
+
+    async def embed_tokens(self, texts: list[str]) -> Encoded:
+        await asyncio.sleep(0.01)
+        return Encoded(await self.embed(texts), [np.ones((2, self.dim), np.float32) for _ in texts])
+
+
+class TestTimedEmbedder:
+    async def test_token_embeddings_are_timed_like_vectors(self) -> None:
+        """The cache asks for token embeddings when its verifier reads them (the default): that call is
+        an `embedding` stage too, with the tokens passed through."""
+        notes: list[tuple[str, float]] = []
+        timed = TimedEmbedder(Tokened(), lambda stage, ms: notes.append((stage, ms)))
+        encoded = await timed.embed_tokens(["a", "b"])
+        assert encoded.tokens is not None and len(encoded.tokens) == 2
+        await timed.embed(["c"])
+        assert [stage for stage, _ in notes] == ["embedding", "embedding"]
+        assert notes[0][1] >= 10.0
+
+    async def test_an_embedder_without_tokens_gives_none_for_them(self) -> None:
+        """Around an embedder with no token embeddings, the vectors come without tokens (the verifier
+        then falls back to its features alone), timed all the same."""
+        notes: list[tuple[str, float]] = []
+        encoded = await TimedEmbedder(Plain(), lambda stage, ms: notes.append((stage, ms))).embed_tokens(
+            ["a"]
+        )
+        assert encoded.tokens is None and encoded.vectors.shape == (1, 4)
+        assert [stage for stage, _ in notes] == ["embedding"]
