@@ -172,7 +172,7 @@ class OptimizationAPI(AdminAPI):
             self.optimizer.cooldown = float(cooldown)  # type: ignore[arg-type]
         return JSONResponse(self.optimizer.rules_status())
 
-    # --- settings, audit, comparison ----------------------------------------------------------
+    # --- settings and audit -------------------------------------------------------------------
     async def live_settings(self, request: Request) -> Response:
         self._admin(request)
         return JSONResponse(self.tuning.snapshot())
