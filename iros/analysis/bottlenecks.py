@@ -20,7 +20,7 @@ from iros.metrics.store import MetricsStore
 # The seed's stages, each the spans.py laps it is made of. embedding runs inside cache_lookup and
 # metering beside the pipeline (the collector's ingest, per response): neither adds to the total.
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "queue_wait": ("queue",),
+    "queue_wait": ("queue", "upstream_queue"),
     "auth_parsing": ("auth", "parse"),
     "cache_lookup": ("cache",),
     "routing": ("route",),

@@ -24,6 +24,7 @@ from pyinstrument.frame import Frame
 
 from iros.core.errors import IrosError
 from iros.core.record import RequestRecord
+from iros.core.spans import UPSTREAM_STAGES
 from iros.gateway.pipeline import Gateway
 
 MAX_SESSIONS = 100  # finished sessions kept in memory, oldest dropped first
@@ -168,7 +169,7 @@ def _result(
             }
         )
         offset += ns
-    upstream = sum(spans.durations.get(s, 0) for s in ("upstream_connect", "upstream_ttft", "stream"))
+    upstream = sum(spans.durations.get(s, 0) for s in UPSTREAM_STAGES)
     out: dict[str, Any] = {
         "session_id": session_id,
         "created_at": time.time(),

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+
+from iros.core.tokens import count_prompt_tokens, count_tokens, tokenize
 
 Fault = Literal["error-500", "hang", "cut-stream"]
 
@@ -64,42 +65,6 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-# ---------------------------------------------------------------------------------------------- tokens
-
-# Words with their leading space, single punctuation marks, and trailing whitespace: lossless, so
-# "".join(tokenize(text)) == text, and a stream of pieces re-counts to exactly its chunk count.
-_TOKEN = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
-
-
-def tokenize(text: str) -> list[str]:
-    """tokenize("Hi, there.") == ["Hi", ",", " there", "."]"""
-    return _TOKEN.findall(text)
-
-
-def count_tokens(text: str) -> int:
-    return sum(1 for _ in _TOKEN.finditer(text))
-
-
-def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Tokens of every message's text (and tool calls), plus 3 per message and 3 to prime the reply."""
-    total = 3
-    for message in messages:
-        total += 3
-        content = message.get("content")
-        if isinstance(content, str):
-            total += count_tokens(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += count_tokens(part["text"])
-        for call in message.get("tool_calls") or ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                total += count_tokens(str(fn.get("name") or ""))
-                total += count_tokens(str(fn.get("arguments") or ""))
-    return total
 
 
 # ---------------------------------------------------------------------------------------------- words

@@ -6,9 +6,11 @@ iros config check iros.yaml
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,12 +51,43 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, max=256, help="worker processes sharing the port (metrics merged)")
     ] = 1,
+    local_model: Annotated[
+        bool,
+        typer.Option(
+            "--local-model",
+            help="serve SmolLM2-135M through llama.cpp as the only model (scripts/install --local-model)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (and everything else) on one port."""
     server: dict[str, Any] = {
         k: v for k, v in {"host": host, "port": port, "log_level": log_level}.items() if v
     }
-    overrides = {"server": server} if server else None
+    overrides: dict[str, Any] = {"server": server} if server else {}
+    with contextlib.ExitStack() as stack:
+        if local_model:
+            overrides["models"] = [stack.enter_context(_local_model()).model_settings()]
+        _serve(config, overrides or None, workers)
+
+
+@contextlib.contextmanager
+def _local_model() -> Iterator[Any]:
+    """llama.cpp serving SmolLM2 as a child process, for as long as Iros runs."""
+    from iros.testing.llama import LlamaServer, ProcessFailed
+
+    try:
+        with err.status("starting llama.cpp with SmolLM2-135M-Instruct"):
+            llama = LlamaServer().start()
+    except ProcessFailed as exc:
+        raise fail(f"cannot start the local model: {exc}") from None
+    err.print(f"  local model: llama.cpp serving {llama.model} at {llama.base_url} (log: {llama.log_path})")
+    try:
+        yield llama
+    finally:
+        llama.stop()
+
+
+def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) -> None:
     settings = load_config(config, overrides)
     _setup_logging(settings.server.log_level)
 

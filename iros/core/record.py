@@ -8,6 +8,7 @@ note_result(record, completion)   # usage and finish_reason from a whole answer 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ class RequestRecord:
     upstream_start_ns: int = 0
     upstream_end_ns: int = 0
     coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
+    usage_counted: bool = False  # the model server reported no usage: Iros counted it (core.tokens)
 
 
 Observer = Callable[[RequestRecord], None]
@@ -72,6 +74,11 @@ def note_result(record: RequestRecord, data: dict[str, Any]) -> None:
     choices = data.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         record.finish_reason = choices[0].get("finish_reason")
+
+
+# A chunk that names a finish reason or carries usage, however the server spaces its JSON (llama.cpp
+# writes `"finish_reason": "stop"`); the others, most of a stream, are not parsed.
+NOTABLE_CHUNK = re.compile(rb'"(?:finish_reason"\s*:\s*"|usage"\s*:\s*\{)')
 
 
 def note_chunk(record: RequestRecord, data: bytes) -> None:

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 from time import perf_counter_ns
 
-# The stages in pipeline order. upstream_connect, upstream_ttft and stream are the model's time, not Iros's.
+# The stages in pipeline order. upstream_queue (waiting for one of a deployment's max_connections: the
+# model server is busy), upstream_connect, upstream_ttft and stream are the model's time, not Iros's.
 STAGES = (
     "queue",
     "auth",
     "parse",
     "cache",
     "route",
+    "upstream_queue",
     "upstream_connect",
     "upstream_ttft",
     "stream",
     "respond",
 )
+
+
+UPSTREAM_STAGES = ("upstream_queue", "upstream_connect", "upstream_ttft", "stream")
 
 
 class Spans:
@@ -54,7 +59,7 @@ class Spans:
         """Time inside Iros: elapsed time less the upstream stages."""
         elapsed = (until or self.end or perf_counter_ns()) - self.start
         d = self.durations
-        upstream = d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)
+        upstream = sum(d.get(stage, 0) for stage in UPSTREAM_STAGES)
         return max(elapsed - upstream, 0)
 
     def ms(self) -> dict[str, float]:

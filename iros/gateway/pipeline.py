@@ -32,6 +32,7 @@ from iros.core.errors import IrosError
 from iros.core.record import Observer, RequestRecord, log_access, note_result, upstream_ms
 from iros.core.schema import ParsedRequest, parse_request
 from iros.core.spans import Spans
+from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
@@ -316,6 +317,12 @@ class Gateway:
                 record.coalesced, record.deployment, record.attempts = True, deployment.label, 0
                 plan = None  # the call's owner caches the answer
         note_result(record, completion.data)
+        if not record.usage:
+            # The body goes out as the server wrote it; the metrics get the usage Iros counts.
+            record.usage, record.usage_counted = (
+                counted_usage(request.data.get("messages"), completion.data),
+                True,
+            )
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:
@@ -367,6 +374,8 @@ class Gateway:
                 keep,
                 stall_ns=self.stall_ns,
                 selector=self.router.selector,
+                messages=request.data.get("messages"),
+                include_usage=request.include_usage,
             )
         finally:
             self._done(deployment)

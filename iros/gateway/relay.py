@@ -1,8 +1,11 @@
 """The streamed answer's relay: upstream chunks to the client as SSE, timed, cut cleanly on either side.
 
-ok = await relay(chunks, first, deployment, record, receive, send, keep, stall_ns=..., selector=...)
+ok = await relay(chunks, first, deployment, record, receive, send, keep, stall_ns=..., selector=...,
+                 messages=request["messages"], include_usage=True)
 # True once [DONE] went out; a failed upstream ends with an error event (never [DONE]), a client that
 # hangs up cancels the upstream (record.status 499). Headers are sent first, from response_headers().
+# A stream that reported no usage (llama.cpp's) gets it counted by Iros (record.usage_counted), sent as
+# the usage chunk a client asked for with stream_options.include_usage, and kept with the cached answer.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from time import perf_counter_ns
+from typing import Any
 
+import orjson
 from starlette.types import Receive, Send
 
 from iros.core.errors import UpstreamError
-from iros.core.record import RequestRecord, note_chunk
+from iros.core.record import NOTABLE_CHUNK, RequestRecord, note_chunk
+from iros.core.tokens import count_completion_tokens, count_prompt_tokens
 from iros.routing.router import Deployment
 from iros.routing.selection import Selector
 
@@ -56,6 +62,8 @@ async def relay(
     *,
     stall_ns: int,
     selector: Selector,
+    messages: Any = None,
+    include_usage: bool = False,
 ) -> bool:
     """Relay the stream; True when it ended with [DONE]. `keep` collects the chunks for the cache."""
     spans = record.spans
@@ -83,8 +91,10 @@ async def relay(
                 return
 
     watcher = asyncio.create_task(watch())
+    answer: list[bytes] = []  # every chunk, for counting usage when the server reports none
     try:
         if first is not None:
+            answer.append(first)
             record.chunks = 1
             note_chunk(record, first)
             log_chunks = record.chunk_log
@@ -103,11 +113,12 @@ async def relay(
                         stalls += 1
                     record.chunks += 1
                     size += len(data)
+                    answer.append(data)
                     if log_chunks is not None:
                         log_chunks.append(data)
                     if keep is not None:
                         keep.append(data)
-                    if b'"finish_reason":"' in data or b'"usage":{' in data:
+                    if NOTABLE_CHUNK.search(data):
                         note_chunk(record, data)
                     await send(
                         {
@@ -122,7 +133,16 @@ async def relay(
                 record.body_bytes = size
         spans.lap("stream")
         state["finished"] = True
+        counted = None
+        if include_usage and answer and not record.usage:
+            counted = _count_usage(record, answer, messages)
+            await send({"type": "http.response.body", "body": b"data: %s\n\n" % counted, "more_body": True})
         await send({"type": "http.response.body", "body": DONE})
+        if counted is None and answer and not record.usage:
+            # For the metrics and the cached answer, once the client has all of it.
+            counted = _count_usage(record, answer, messages)
+        if counted is not None and keep is not None:
+            keep.append(counted)
         return True
     except UpstreamError as exc:
         spans.lap("stream")
@@ -153,3 +173,29 @@ async def relay(
         if aclose is not None:
             await aclose()
     return False
+
+
+def _count_usage(record: RequestRecord, answer: list[bytes], messages: Any) -> bytes:
+    """Usage for a stream whose server reported none, counted here and marked so (never zero), as the
+    usage chunk OpenAI's servers end a stream with."""
+    chunks = []
+    for raw in answer:
+        try:
+            chunk = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict):
+            chunks.append(chunk)
+    prompt = count_prompt_tokens(messages) if isinstance(messages, list) else 1
+    completion = count_completion_tokens(chunks)
+    record.usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    record.usage_counted = True
+    last = chunks[-1] if chunks else {}
+    usage_chunk = {
+        k: last[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in last
+    }
+    return orjson.dumps({**usage_chunk, "choices": [], "usage": record.usage})

@@ -128,7 +128,7 @@ _DEFS = (
         "response",
         "iros_input_tokens",
         1.0,
-        ("model",),
+        ("model", "usage"),
     ),
     MetricDef(
         "completion_tokens",
@@ -138,7 +138,7 @@ _DEFS = (
         "response",
         "iros_output_tokens",
         1.0,
-        ("model",),
+        ("model", "usage"),
     ),
     MetricDef(
         "content_length_bytes",

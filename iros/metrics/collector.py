@@ -72,6 +72,7 @@ _PER_MODEL = (
     "relevance",
     "tpot_ms",
 )
+_TOKEN_SERIES = frozenset({"prompt_tokens", "completion_tokens"})  # labelled by usage source too
 
 
 class Collector:
@@ -272,6 +273,7 @@ class Collector:
                     r.max_gap_ns,
                     r.stalls,
                     r.chunks,
+                    r.usage_counted,
                 )
                 for r in records
             ],
@@ -316,18 +318,28 @@ class Collector:
             if outcome == "ok":
                 answered.setdefault(model, []).append(idx)
         self._stages(records, ts, total_ms, np.array([o != "cancelled" for o in outcomes]))
+        counted = table[12] > 0
         for model, parts in answered.items():
             idx = np.concatenate(parts)
             for name in self._series:
+                if name in _TOKEN_SERIES:
+                    continue
                 values = columns[name][idx]
                 present = ~np.isnan(values)
                 if present.any():
                     self._extend(name, (("model", model),), ts[idx][present], values[present], (model,))
-            if "business" in self.groups:
+            if "business" not in self.groups:
+                continue
+            # Token counts say where they come from: the model server's usage, or Iros's count of it.
+            for usage, which in (("reported", idx[~counted[idx]]), ("counted", idx[counted[idx]])):
+                if not which.size:
+                    continue
+                by_usage = (("model", model), ("usage", usage))
                 for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
-                    tokens = int(columns[name][idx].sum())
+                    self._extend(name, by_usage, ts[which], columns[name][which], (model, usage))
+                    tokens = int(columns[name][which].sum())
                     if tokens:
-                        expo.child(expo.tokens, (model, kind)).inc(tokens)  # type: ignore[attr-defined]
+                        expo.child(expo.tokens, (model, kind, usage)).inc(tokens)  # type: ignore[attr-defined]
 
     def _stages(
         self, records: list[RequestRecord], ts: Floats, total_ms: Floats, keep: npt.NDArray[np.bool_]

@@ -109,8 +109,12 @@ class Exposition:
         self.cache_misses = Counter(
             "iros_cache_misses", "cache lookups that went to the model", ("model",), registry=self.registry
         )
+        # usage: "reported" by the model server, or "counted" by Iros where it reported none (llama.cpp).
         self.tokens = Counter(
-            "iros_tokens", "tokens by model and direction", ("model", "type"), registry=self.registry
+            "iros_tokens",
+            "tokens by model, direction and where the count comes from",
+            ("model", "type", "usage"),
+            registry=self.registry,
         )
         self.feedback = Counter(
             "iros_feedback", "feedback scores received", ("model",), registry=self.registry

@@ -76,7 +76,7 @@ async def call(
                 busy = exc
                 continue
             finally:
-                spans.lap("queue")
+                spans.lap("upstream_queue")  # the model server's capacity, not Iros's time
         calls += 1
         record.attempts, record.deployment = calls, deployment.label
         deployment.in_flight += 1

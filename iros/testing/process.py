@@ -176,3 +176,12 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def port_argument(argv: Sequence[str] | None, module: str, default: int) -> int:
+    """The optional PORT of `python -m iros.testing.<module> [PORT]`; a usage line and exit 2 otherwise."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 or (args and not args[0].isdigit()):
+        print(f"usage: python -m iros.testing.{module} [PORT]   (default {default})", file=sys.stderr)
+        raise SystemExit(2)
+    return int(args[0]) if args else default

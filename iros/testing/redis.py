@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from iros.testing.process import ChildProcess, ProcessFailed, free_port
+from iros.testing.process import ChildProcess, ProcessFailed, free_port, port_argument
 
 __all__ = ["REDIS_SERVER", "ProcessFailed", "RedisServer"]
 
@@ -83,11 +82,7 @@ class RedisServer(ChildProcess):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) > 1 or (args and not args[0].isdigit()):
-        print("usage: python -m iros.testing.redis [PORT]   (default 6379)", file=sys.stderr)
-        raise SystemExit(2)
-    redis = RedisServer(port=int(args[0]) if args else 6379)
+    redis = RedisServer(port=port_argument(argv, "redis", 6379))
     redis.serve_forever(f"Redis at {redis.url} (Ctrl+C stops it)")
 
 

@@ -20,7 +20,8 @@ import pytest
 import uvicorn
 
 from iros.backends.mock_server import build_app
-from iros.backends.simulation import CUT_AFTER_CHUNKS, PROFILES, count_prompt_tokens, plan
+from iros.backends.simulation import CUT_AFTER_CHUNKS, PROFILES, plan
+from iros.core.tokens import count_prompt_tokens
 
 KEY = "sk-mock-test"
 MESSAGES: list[Any] = [{"role": "user", "content": "Name three rivers."}]
