@@ -226,10 +226,22 @@ def bench_cache_latency(
 @bench_app.command("workload")
 def bench_workload(
     pairs: PairsOption = None,
-    requests: Annotated[int, typer.Option(min=1, help="requests in the stream")] = 2000,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="requests in the stream (default 2000; 200 on a real model)")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 16,
     profile: Annotated[str, typer.Option(help="the simulated model's latency profile")] = "lightweight",
     seed: Annotated[int, typer.Option(help="seed of the stream")] = 7,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="a real OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1"),
+    ] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="the model name --upstream serves")] = None,
+    connections: Annotated[int, typer.Option(min=1, help="max_connections to --upstream")] = 1,
+    local_model: Annotated[
+        bool, typer.Option("--local-model", help="llama.cpp serving SmolLM2, started for the run")
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per answer of a real model")] = 48,
 ) -> None:
     """A Zipf stream of repeated, paraphrased and one-off questions through `iros serve`, cache on vs off."""
     from iros.backends.simulation import PROFILES
@@ -237,10 +249,26 @@ def bench_workload(
 
     if profile not in PROFILES:
         raise fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    if upstream is not None and local_model:
+        raise fail("give --upstream or --local-model, not both")
+    if upstream is not None and not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream must be an http(s) URL ending in /v1, not {upstream!r}")
+    real = upstream is not None or local_model
+    count = requests or (200 if real else 2000)
 
     def run(data: Any, progress: Any) -> dict[str, Any]:
         return run_workload(
-            data, requests=requests, concurrency=concurrency, profile=profile, seed=seed, progress=progress
+            data,
+            requests=count,
+            concurrency=concurrency,
+            profile=profile,
+            seed=seed,
+            progress=progress,
+            upstream=upstream,
+            upstream_model=upstream_model,
+            connections=connections,
+            local_model=local_model,
+            max_tokens=max_tokens,
         )
 
     result = _cache_bench("workload", pairs, None, run)

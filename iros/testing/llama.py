@@ -17,6 +17,7 @@ inside the package). Nothing is downloaded at run time.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class LlamaServer(ChildProcess):
         venv: Path | None = None,
         context: int = CONTEXT,
         threads: int | None = None,
+        gpu_layers: int | None = None,
     ) -> None:
         venv = venv or llama_venv()
         python = venv / "bin" / "python"
@@ -95,6 +97,10 @@ class LlamaServer(ChildProcess):
             "--n_threads",
             str(threads or max(1, (os.cpu_count() or 2) // 2)),
         ]
+        if gpu_layers is None and shutil.which("nvidia-smi"):
+            gpu_layers = -1  # every layer on the GPU; a build without CUDA ignores it
+        if gpu_layers:
+            args += ["--n_gpu_layers", str(gpu_layers)]
         super().__init__(args, port, health="/v1/models", name="llama.cpp server", stop_timeout=10.0)
         self.model = MODEL_NAME
         self.context = context

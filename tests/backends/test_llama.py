@@ -290,3 +290,24 @@ def test_server_killed_mid_stream(tmp_path: Any) -> None:
             assert back.json()["choices"][0]["message"]["content"]
     finally:
         llama.stop()
+
+
+@pytest.mark.timeout(300)  # two `iros serve` runs over the same stream, one answer at a time upstream
+def test_workload_bench_against_the_real_server(llama: LlamaServer) -> None:
+    """`iros bench workload --upstream`: the same stream through Iros with the cache on and off, streamed
+    from the real model, with time to first token and tokens per second from its answers."""
+    from iros.bench.pairs import DEFAULT_PAIRS, read_pairs
+    from iros.bench.workload import run_workload
+
+    result = run_workload(
+        read_pairs(DEFAULT_PAIRS, 300), requests=20, concurrency=4, upstream=llama.base_url, max_tokens=32
+    )
+    assert result["errors"] == {"cache_on": 0, "cache_off": 0}
+    assert result["hits"]["exact"] > 0 and result["hits"]["miss"] > 0
+    on, off = result["cache_on"], result["cache_off"]
+    for timing in (on, off):
+        assert 0 < timing["ttft_mean_ms"] <= timing["mean_ms"]
+        assert timing["completion_tokens"] > 0 and timing["tokens_per_second"] > 0
+    assert on["completion_tokens"] == pytest.approx(off["completion_tokens"], rel=0.25)
+    for timing in (on, off):  # Iros's own time on the answers that went upstream, from its header
+        assert 0 < timing["iros_overhead_ms"]["p50"] < timing["p50_ms"]
