@@ -184,7 +184,8 @@ def _serve(cache: dict[str, Any], profile: str, data_dir: Path) -> Any:
 
     config = {
         "auth": {"open": True},
-        "server": {"data_dir": str(data_dir), "log_level": "warning"},
+        # The load generator is one address by design: no per-address connection cap.
+        "server": {"data_dir": str(data_dir), "log_level": "warning", "max_connections_per_address": 0},
         "models": [{"name": "chat", "backend": "simulated", "profile": profile}],
         "cache": cache,
     }

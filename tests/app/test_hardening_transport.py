@@ -10,6 +10,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from iros.app import create_app
+from iros.config import load_settings
 from iros.testing.iros import IrosProcess, wait_until
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
 
@@ -378,3 +381,23 @@ class TestLowRows:
             connect(url, open_timeout=5)
         wait_until(lambda: keyed.output().count('"WebSocket /ws/metrics?') >= 2, "both handshakes in the log")
         assert SECRET not in keyed.output()
+
+
+async def test_the_secure_cookie_setting_marks_the_session_cookie_secure(tmp_path: Path) -> None:
+    """With server.secure_cookie (TLS terminated by a proxy Iros does not trust for headers), the session
+    cookie is Secure even on a plain-HTTP hop."""
+    settings = load_settings(
+        None,
+        {
+            "server": {"secure_cookie": True, "data_dir": str(tmp_path)},
+            "auth": {"admin_keys": [ADMIN_KEY]},
+            "models": MODELS,
+            "cache": {"enabled": False},
+            "metrics_collection": {"enabled": False},
+        },
+    )
+    transport = httpx.ASGITransport(app=create_app(settings))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+        resp = await http.post("/dashboard/login", data={"key": ADMIN_KEY})
+    assert resp.status_code == 303
+    assert "secure" in resp.headers["set-cookie"].lower()
