@@ -33,6 +33,7 @@ from iros.core.errors import IrosError
 
 # The request line, line ends and separators come on top of server.max_header_bytes (names and values).
 REQUEST_LINE_BYTES = 8192
+WS_MAX_MESSAGE = 64 * 1024
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -67,6 +68,8 @@ class ConnectionLimits:
             "http": functools.partial(IrosHttpProtocol, limits=self),
             "ws": IrosWebSocketProtocol,
             "timeout_keep_alive": self.keep_alive,
+            # A WebSocket client sends only small filter messages (/ws/metrics); uvicorn allows 16 MiB.
+            "ws_max_size": WS_MAX_MESSAGE,
         }
 
     def take(self, address: str) -> bool:
