@@ -173,7 +173,7 @@ class TestSlowSockets:
         with raw(keyed) as sock:
             response, seconds = read_until_closed(sock)
         assert response == b""
-        assert 0.5 < seconds < 3
+        assert 0.5 < seconds < 4
 
     def test_an_idle_kept_alive_connection_is_closed(self, keyed: IrosProcess) -> None:
         """After an answer, a connection that sends no next request is closed after keep_alive_seconds."""
@@ -183,7 +183,7 @@ class TestSlowSockets:
             assert status_of(first) == 200
             rest, seconds = read_until_closed(sock)
         assert rest == b""
-        assert seconds < 3
+        assert seconds < 4
 
     def test_a_header_trickled_a_byte_at_a_time_gets_408_and_is_closed(self, keyed: IrosProcess) -> None:
         """Header bytes that keep coming, but never end, do not hold the connection past the deadline."""
@@ -191,7 +191,7 @@ class TestSlowSockets:
             sock.sendall(b"GET /health HTTP/1.1\r\n")
             seconds = trickle(sock, b"X-Slow: " + b"a" * 100, every=0.1, for_at_most=5)
             response, _ = read_until_closed(sock)
-        assert seconds < 3
+        assert seconds < 4
         if response:  # the 408 may be lost to the reset of a socket closed while the client writes
             assert status_of(response) == 408
             assert error_of(response)["code"] == "header_timeout"
@@ -207,9 +207,9 @@ class TestSlowSockets:
                     "Content-Length: 200",
                 )
             )
-            seconds = trickle(sock, b"key=" + b"a" * 196, every=0.1, for_at_most=6)
+            seconds = trickle(sock, b"key=" + b"a" * 196, every=0.1, for_at_most=8)
             response, _ = read_until_closed(sock)
-        assert seconds < 4
+        assert seconds < 5
         if response:
             assert status_of(response) == 408
             assert error_of(response)["code"] == "body_timeout"
@@ -229,7 +229,7 @@ class TestSlowSockets:
             response, seconds = read_until_closed(sock)
         assert status_of(response) == 408, response[:300]
         assert "did not start" in error_of(response)["message"]
-        assert 0.5 < seconds < 3
+        assert 0.5 < seconds < 4
 
     def test_one_address_gets_a_bounded_number_of_connections(self, keyed: IrosProcess) -> None:
         """The ninth open connection from one address is refused with 429 (cap 8), another address is
@@ -280,7 +280,7 @@ class TestHeadSize:
             assert httpx.get(f"{keyed.url}/health").status_code == 200
             health_seconds = time.monotonic() - start
         assert sent < 150 * 2**20  # the connection was closed under the sender
-        assert health_seconds < 0.5
+        assert health_seconds < 1
 
 
 # --- item 7: open mode and other web pages -----------------------------------------------------------------
