@@ -34,6 +34,7 @@ from iros.core.errors import IrosError
 # The request line, line ends and separators come on top of server.max_header_bytes (names and values).
 REQUEST_LINE_BYTES = 8192
 WS_MAX_MESSAGE = 64 * 1024
+STALL_SECONDS = 0.1
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -216,7 +217,15 @@ class IrosHttpProtocol(HttpToolsProtocol):
 
     def _arm(self, seconds: float, late: Callable[[], None]) -> None:
         self._disarm()
-        self._timer = self.loop.call_later(max(seconds, 0.0), late)
+        due = self.loop.time() + max(seconds, 0.0)
+        self._timer = self.loop.call_later(max(seconds, 0.0), self._expire, due, late)
+
+    def _expire(self, due: float, late: Callable[[], None]) -> None:
+        # A loop stalled past the deadline may hold this client's bytes unread: read them first.
+        if self.loop.time() - due > STALL_SECONDS:
+            self._timer = self.loop.call_later(STALL_SECONDS / 2, self._expire, self.loop.time(), late)
+            return
+        late()
 
     def _disarm(self) -> None:
         if self._timer is not None:
