@@ -21,6 +21,7 @@ import functools
 import http
 import ipaddress
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,7 +175,7 @@ class IrosHttpProtocol(HttpToolsProtocol):
 
     # --- parser callbacks ----------------------------------------------------------------------------
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._body_started = False, False
         self._disarm()
         super().on_headers_complete()
         if self.parser.should_upgrade() and self._should_upgrade():
@@ -211,9 +212,10 @@ class IrosHttpProtocol(HttpToolsProtocol):
 
     # --- deadlines -----------------------------------------------------------------------------------
     def _start_body_clock(self) -> None:
-        self._body_deadline = self.loop.time() + self.limits.body_timeout
-        self._body_started = False
-        self._arm(min(self.limits.body_start_timeout, self.limits.body_timeout), self._body_late)
+        limits = self.limits
+        self._body_deadline = self.loop.time() + limits.body_timeout
+        first = min(limits.body_timeout, limits.body_start_timeout if not self._body_started else math.inf)
+        self._arm(first, self._body_late)
 
     def _arm(self, seconds: float, late: Callable[[], None]) -> None:
         self._disarm()
