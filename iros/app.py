@@ -53,6 +53,7 @@ from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
 from iros.optimization.tuning import Tuning
 from iros.routing.router import Router
+from iros.server.guards import RequestGuard, bounded_body
 
 log = logging.getLogger("iros")
 CHAT_PATH = "/v1/chat/completions"
@@ -86,8 +87,8 @@ def check_settings(settings: Settings) -> None:
 
 
 class IrosApp:
-    """The outer ASGI app: one comparison sends the hot path past all routing; the lifespan starts and
-    stops the parts in order."""
+    """The outer ASGI app: the request guard (iros/server/guards.py), then one comparison sends the hot
+    path past all routing; the lifespan starts and stops the parts in order."""
 
     def __init__(
         self,
@@ -115,38 +116,24 @@ class IrosApp:
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
             lifespan=self._lifespan,
         )
+        self.guard = RequestGuard(settings.server, open_mode=settings.auth.open)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and (refusal := self._oversized_headers(scope)):
+        if scope["type"] in ("http", "websocket") and (refusal := self.guard.check(scope)):
             if scope["type"] == "http":
-                reply = Response(refusal.body(), refusal.status, media_type="application/json")
+                reply = Response(
+                    refusal.body(), refusal.status, media_type="application/json", headers=refusal.headers
+                )
                 await reply(scope, receive, send)
             else:
-                await send({"type": "websocket.close", "code": 1009})
+                await send({"type": "websocket.close", "code": 1009 if refusal.status == 431 else 1008})
             return
         if scope["type"] == "http" and scope["path"] == CHAT_PATH:
-            await self.gateway(scope, receive, send)
+            await self.gateway(scope, receive, send)  # the gateway bounds the body itself
+        elif scope["type"] == "http":
+            await self.routes(scope, bounded_body(receive, self.settings.server.max_body_bytes), send)
         else:
             await self.routes(scope, receive, send)
-
-    def _oversized_headers(self, scope: Scope) -> IrosError | None:
-        # The HTTP parser (httptools) sets no limit of its own: bound what a request may make us hold.
-        headers = scope["headers"]
-        server = self.settings.server
-        if len(headers) > server.max_headers:
-            return IrosError(
-                431,
-                f"too many request headers: {len(headers)}, at most {server.max_headers}",
-                code="headers_too_large",
-            )
-        size = sum(len(name) + len(value) for name, value in headers)
-        if size > server.max_header_bytes:
-            return IrosError(
-                431,
-                f"request headers too large: {size} bytes, at most {server.max_header_bytes}",
-                code="headers_too_large",
-            )
-        return None
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -270,7 +257,7 @@ def create_app(settings: Settings) -> IrosApp:
     routes += OptimizationAPI(optimizer, keyring).routes()
     routes += OptimizationComparisonAPI(optimizer, keyring).routes()
     # The dashboard: its page, login form and assets; its session cookie works on every route.
-    routes += DashboardPages(keyring).routes()
+    routes += DashboardPages(keyring, secure_cookie=server.secure_cookie).routes()
     return IrosApp(
         settings,
         gateway,

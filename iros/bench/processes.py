@@ -168,7 +168,9 @@ def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 
 
 def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = True) -> str:
     return (
-        f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}}}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}, "
+        # The load generator is one address by design: no per-address connection cap.
+        "max_connections_per_address: 0}\n"
         "auth: {open: true}\n"
         f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
         # The same request again and again: with the cache on this would measure cache hits, and with

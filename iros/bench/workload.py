@@ -241,7 +241,8 @@ def _serve(cache: dict[str, Any], model: dict[str, Any], data_dir: Path) -> Any:
 
     config = {
         "auth": {"open": True},
-        "server": {"data_dir": str(data_dir), "log_level": "warning"},
+        # The load generator is one address by design: no per-address connection cap.
+        "server": {"data_dir": str(data_dir), "log_level": "warning", "max_connections_per_address": 0},
         "models": [model],
         "cache": cache,
     }

@@ -124,6 +124,8 @@ def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) 
         highlight=False,
         soft_wrap=True,
     )
+    from iros.server.protocol import ConnectionLimits
+
     uvicorn.run(
         application,
         factory=workers > 1,
@@ -131,15 +133,16 @@ def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) 
         host=s.host,
         port=s.port,
         loop="uvloop" if _has_uvloop() else "asyncio",
-        http="httptools",
-        ws="websockets-sansio",
+        # httptools and websockets-sansio, with header and body deadlines and connections per address.
+        **ConnectionLimits.of(s).uvicorn_options(),
         lifespan="on",
         access_log=False,
         log_config=None,
         log_level=s.log_level,
         server_header=False,
-        # No proxy is trusted to name client addresses, so uvicorn's forwarded-headers middleware is off.
-        proxy_headers=False,
+        # Only the configured proxies may name the client's address and scheme (X-Forwarded-For/-Proto).
+        proxy_headers=bool(s.trusted_proxies),
+        forwarded_allow_ips=s.trusted_proxies or None,
         timeout_graceful_shutdown=int(s.shutdown_timeout_seconds) or None,
     )
 

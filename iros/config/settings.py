@@ -30,8 +30,24 @@ class ServerSettings(Strict):
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="all request headers together; beyond: 431")
     max_headers: int = Field(100, ge=8, description="request header fields; beyond: 431")
     body_timeout_seconds: float = Field(
-        30.0, gt=0, description="time for a request body to arrive; beyond: 408"
+        30.0, gt=0, description="time for a request body to arrive after its headers; beyond: 408"
     )
+    # Connection limits (iros/server/protocol.py): what a socket may hold without sending a request.
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="time for a request line and headers to arrive; beyond: 408, closed"
+    )
+    body_start_timeout_seconds: float = Field(
+        10.0, gt=0, description="time from the headers to the body's first byte; beyond: 408, closed"
+    )
+    keep_alive_seconds: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this")
+    max_connections_per_address: int = Field(
+        128, ge=0, description="open connections from one client address; beyond: 429, closed; 0: no cap"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="proxy addresses (IPs or networks) whose X-Forwarded-For/-Proto are believed",
+    )
+    secure_cookie: bool = Field(False, description="always mark the session cookie Secure (TLS in front)")
     max_concurrency: int = Field(512, ge=1, description="requests served at once; the rest wait in the queue")
     max_queue: int = Field(2048, ge=0, description="requests waiting for a slot; beyond it a 429")
     queue_timeout_seconds: float = Field(30.0, gt=0)
@@ -39,6 +55,16 @@ class ServerSettings(Strict):
     access_log: bool = False
     data_dir: str = Field("iros-data", description="SQLite databases and other state; created if missing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
 
 
 class KeyEntry(Strict):

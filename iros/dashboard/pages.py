@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from iros.core.errors import IrosError
 from iros.gateway.auth import KeyRing, Role
@@ -111,7 +111,7 @@ class DashboardPages:
             Route(LOGIN, self.login, methods=["POST"]),
             Route("/dashboard/logout", self.logout, methods=["POST"]),
             Route("/dashboard/static/plotly.min.js", self.plotly_js, methods=["GET"]),
-            Mount("/dashboard/static", app=StaticFiles(directory=STATIC), name="dashboard-static"),
+            Mount("/dashboard/static", app=_Secured(StaticFiles(directory=STATIC)), name="dashboard-static"),
         ]
 
     def _signed_in(self, request: Request) -> bool:
@@ -133,9 +133,8 @@ class DashboardPages:
     async def plotly_js(self, request: Request) -> Response:
         if not PLOTLY_JS.is_file():
             raise IrosError(503, "plotly.min.js is missing: reinstall with scripts/install", code="no_plotly")
-        return FileResponse(
-            PLOTLY_JS, media_type="text/javascript", headers={"cache-control": "public, max-age=86400"}
-        )
+        headers = {**_security_headers(), "cache-control": "public, max-age=86400"}
+        return FileResponse(PLOTLY_JS, media_type="text/javascript", headers=headers)
 
     async def login_form(self, request: Request) -> Response:
         if self._signed_in(request):
@@ -194,12 +193,31 @@ class DashboardPages:
 
 
 def _page_headers() -> dict[str, str]:
+    return {**_security_headers(), "cache-control": "no-store"}
+
+
+def _security_headers() -> dict[str, str]:
     return {
         "content-security-policy": CSP,
-        "cache-control": "no-store",
         "x-content-type-options": "nosniff",
         "referrer-policy": "same-origin",
     }
+
+
+class _Secured:
+    """The static files with the page's security headers: dashboard.html is reachable here too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.encode(), v.encode()) for k, v in _security_headers().items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, secured)
 
 
 def _login_html(error: str | None = None) -> str:
