@@ -19,6 +19,7 @@ import yaml
 from iros.config import MIN_KEY_CHARS
 from iros.core.limits import MAX_NESTING
 from iros.gateway.guard import MAX_FAILURES, MAX_PENALTY
+from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_TOTAL_CHARS
 from iros.testing.iros import IrosProcess, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +41,7 @@ def _config(upstream: IrosProcess) -> dict[str, Any]:
         "cache": {"enabled": True, "semantic": False, "ttl_seconds": TTL},
         "models": [
             {"name": "fast", "base_url": f"{upstream.url}/v1", "upstream_model": "instant"},
+            {"name": "light", "base_url": f"{upstream.url}/v1", "upstream_model": "lightweight"},
             {"name": "guarded", "base_url": f"http://operator:{MODEL_PASSWORD}@127.0.0.1:{closed}/v1"},
         ],
         "alerting": {
@@ -212,6 +214,38 @@ class TestInputBounds:
         lines = [line for line in log.splitlines() if "forged" in line]
         assert len(lines) == 1 and "\x00" not in log
         assert 'model="fast\\nINFO iros.access forged status=200\\u0000"' in lines[0]
+
+
+class TestCacheWarm:
+    def test_a_warm_is_bounded_in_count_and_size(self, server: IrosProcess) -> None:
+        """Too many prompts, one too long, or too much text in all are refused before anything runs."""
+        cases = [
+            ["p"] * (MAX_PROMPTS + 1),
+            ["x" * (MAX_PROMPT_CHARS + 1)],
+            ["y" * MAX_PROMPT_CHARS] * (MAX_TOTAL_CHARS // MAX_PROMPT_CHARS + 1),
+        ]
+        with client(server, "127.0.0.23", ADMIN) as c:
+            for prompts in cases:
+                r = c.post("/api/optimization/cache/warm", json={"model": "fast", "prompts": prompts})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "prompts", r.text[:200]
+            assert c.get("/api/optimization/cache/warm").json()["jobs"] == []
+
+    def test_a_warm_runs_in_the_background_with_progress(self, server: IrosProcess) -> None:
+        """The POST answers 202 at once; progress is polled by id; a second warm waits its turn (409)."""
+        prompts = [f"warm {i} {time.time()}" for i in range(8)]
+        with client(server, "127.0.0.23", ADMIN) as c:
+            # A model that takes a few hundred ms an answer: the job is still running when asked again.
+            started = c.post("/api/optimization/cache/warm", json={"model": "light", "prompts": prompts})
+            assert started.status_code == 202
+            job = started.json()
+            assert job["state"] == "running" and job["total"] == 8
+            second = c.post("/api/optimization/cache/warm", json={"model": "fast", "prompts": ["more"]})
+            assert second.status_code == 409 and job["id"] in second.json()["error"]["message"]
+            done = wait_until(
+                lambda: (view := c.get(job["progress"]).json())["state"] == "done" and view,
+                "the warm to finish",
+            )
+        assert done["done"] == 8 and done["warmed"] == {"cached": 8} and len(done["results"]) == 8
 
 
 class TestSessionsAndKeys:
