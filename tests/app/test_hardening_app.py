@@ -261,6 +261,20 @@ class TestSessionsAndKeys:
             r = replay.get("/api/config", headers={"cookie": f"iros_session={cookie}"})
         assert r.status_code == 401
 
+    def test_logout_ends_the_session_in_every_worker(self, config: dict[str, Any]) -> None:
+        """With two workers, the cookie kept from before a logout fails on every new connection,
+        whichever worker takes it."""
+        with IrosProcess.serve(config, extra=["--workers", "2"]) as proc:
+            with client(proc, "127.0.0.24") as c:
+                assert c.post("/dashboard/login", data={"key": ADMIN}).status_code == 303
+                cookie = {"cookie": f"iros_session={c.cookies['iros_session']}"}
+            # A new connection each time, so both workers check the cookie.
+            config_url = f"{proc.url}/api/config"
+            before = [httpx.get(config_url, headers=cookie, timeout=30).status_code for _ in range(10)]
+            out = httpx.post(f"{proc.url}/dashboard/logout", headers=cookie, timeout=30)
+            after = [httpx.get(config_url, headers=cookie, timeout=30).status_code for _ in range(10)]
+        assert before == [200] * 10 and out.status_code == 303 and after == [401] * 10
+
     def test_wrong_keys_slow_their_address_down(self, server: IrosProcess) -> None:
         """After MAX_FAILURES wrong keys, each further guess from that address waits before it is
         checked, on the model API and /api/* alike; other addresses are untouched."""
