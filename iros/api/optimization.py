@@ -32,6 +32,7 @@ from iros.cache.engine import ResponseCache
 from iros.conditions.parse import ConditionError
 from iros.config import OptimizationRule
 from iros.core.errors import IrosError, bad, error_path
+from iros.core.limits import MAX_NESTING, json_depth
 from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
 from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, WarmBusy, Warmer, check_prompts
@@ -289,6 +290,8 @@ class CacheTuningAPI(AdminAPI):
         params = body.get("params") or {}
         if not isinstance(params, dict) or "messages" in params or "model" in params or "stream" in params:
             raise bad("params: an object of request parameters (temperature, max_tokens, ...)", "params")
+        if json_depth(params) > MAX_NESTING:
+            raise bad(f"params nests JSON more than {MAX_NESTING} levels deep", "params", "nesting_too_deep")
         if "from_misses" in body:
             n = body["from_misses"]
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROMPTS:

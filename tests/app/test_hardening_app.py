@@ -218,16 +218,22 @@ class TestInputBounds:
 
 class TestCacheWarm:
     def test_a_warm_is_bounded_in_count_and_size(self, server: IrosProcess) -> None:
-        """Too many prompts, one too long, or too much text in all are refused before anything runs."""
+        """Too many prompts, one too long, too much text in all, or parameters nested too deep are
+        refused before anything runs."""
         cases = [
             ["p"] * (MAX_PROMPTS + 1),
             ["x" * (MAX_PROMPT_CHARS + 1)],
             ["y" * MAX_PROMPT_CHARS] * (MAX_TOTAL_CHARS // MAX_PROMPT_CHARS + 1),
         ]
+        deep = '{"model": "fast", "prompts": ["p"], "params": {"x": ' + "[" * 255 + "]" * 255 + "}}"
         with client(server, "127.0.0.23", ADMIN) as c:
             for prompts in cases:
                 r = c.post("/api/optimization/cache/warm", json={"model": "fast", "prompts": prompts})
                 assert r.status_code == 400 and r.json()["error"]["param"] == "prompts", r.text[:200]
+            r = c.post(
+                "/api/optimization/cache/warm", content=deep, headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 400 and r.json()["error"]["code"] == "nesting_too_deep"
             assert c.get("/api/optimization/cache/warm").json()["jobs"] == []
 
     def test_a_warm_runs_in_the_background_with_progress(self, server: IrosProcess) -> None:
