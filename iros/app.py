@@ -46,6 +46,7 @@ from iros.core.errors import IrosError
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
+from iros.gateway.guard import GuardMiddleware
 from iros.gateway.pipeline import Gateway
 from iros.gateway.sessions import Sessions
 from iros.metrics.exposition import mark_worker_gone
@@ -112,7 +113,11 @@ class IrosApp:
         self.alerts = alerts
         self.routes = Starlette(
             routes=routes,
-            middleware=[Middleware(SessionCookieMiddleware)],
+            # Wrong keys and sign-ins slow their address (the gateway checks the same guard inline).
+            middleware=[
+                Middleware(GuardMiddleware, guard=gateway.guard),
+                Middleware(SessionCookieMiddleware),
+            ],
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
             lifespan=self._lifespan,
         )

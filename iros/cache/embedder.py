@@ -28,6 +28,7 @@ from yarl import URL
 
 from iros.cache.base import Embedder
 from iros.config import EmbedderSettings
+from iros.core.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -432,6 +433,7 @@ class OpenAIEmbedder(_Front):
         self.name = settings.model
         self.dim = dim or 0
         self.url = URL(f"{settings.base_url.rstrip('/')}/embeddings")
+        self.shown = redact_url(str(self.url))  # in messages: never a password
         headers = {"content-type": "application/json"}
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
@@ -475,11 +477,13 @@ class OpenAIEmbedder(_Front):
                 raw = await resp.read()
                 if resp.status >= 400:
                     snippet = raw[:200].decode(errors="replace")
-                    raise EmbedderError(f"{self.url} answered {resp.status}: {snippet}")
+                    raise EmbedderError(f"{self.shown} answered {resp.status}: {snippet}")
         except TimeoutError:
-            raise EmbedderError(f"{self.url} gave no answer in {self.settings.timeout_seconds:g} s") from None
+            raise EmbedderError(
+                f"{self.shown} gave no answer in {self.settings.timeout_seconds:g} s"
+            ) from None
         except aiohttp.ClientError as exc:
-            raise EmbedderError(f"cannot reach {self.url}: {exc}") from exc
+            raise EmbedderError(f"cannot reach {self.shown}: {redact_text(str(exc))}") from exc
         return self._parse(raw, len(texts))
 
     def _parse(self, raw: bytes, n: int) -> Vectors:
@@ -490,16 +494,16 @@ class OpenAIEmbedder(_Front):
             items = sorted(items, key=lambda item: int(item.get("index", 0)))
             vectors = np.asarray([item["embedding"] for item in items], dtype=np.float32)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise EmbedderError(f"{self.url} answered with something other than embeddings") from None
+            raise EmbedderError(f"{self.shown} answered with something other than embeddings") from None
         if vectors.ndim != 2 or vectors.shape[0] != n:
-            raise EmbedderError(f"{self.url} sent {vectors.shape[0]} embeddings for {n} inputs")
+            raise EmbedderError(f"{self.shown} sent {vectors.shape[0]} embeddings for {n} inputs")
         if self.dim == 0:
             self.dim = int(vectors.shape[1])
         elif vectors.shape[1] != self.dim:
-            raise EmbedderError(f"{self.url} sent {vectors.shape[1]}-dim embeddings, expected {self.dim}")
+            raise EmbedderError(f"{self.shown} sent {vectors.shape[1]}-dim embeddings, expected {self.dim}")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-            raise EmbedderError(f"{self.url} sent a zero or non-finite embedding")
+            raise EmbedderError(f"{self.shown} sent a zero or non-finite embedding")
         unit: Vectors = vectors / norms
         return unit
 

@@ -24,6 +24,7 @@ from iros.config.alerting import (
 from iros.config.base import Duration, Strict
 from iros.config.loading import DEFAULT_CONFIG, ConfigError, format_errors, load_settings, read_yaml, redacted
 from iros.config.settings import (
+    MIN_KEY_CHARS,
     AuthSettings,
     AutoOptimization,
     CacheSettings,
@@ -53,6 +54,7 @@ from iros.config.settings import (
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "MIN_KEY_CHARS",
     "AlertRetrySettings",
     "AlertRuleSettings",
     "AlertingSettings",

@@ -7,7 +7,9 @@ Settings(**data)                               # validates; config/loading.py re
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -21,6 +23,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from iros.config.alerting import AlertingSettings, LiveAlertingSettings
 from iros.config.base import Strict
+
+MIN_KEY_CHARS = 16  # the shortest API or admin key accepted on a non-loopback bind
 
 
 class ServerSettings(Strict):
@@ -145,11 +149,21 @@ class ModelSettings(Strict):
     def _backend_needs(self) -> ModelSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        _one_credential(self.base_url, self.api_key_env)
         return self
 
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
+
+
+def _one_credential(base_url: str | None, api_key_env: str | None) -> None:
+    # The HTTP client cannot send both (every request and /ready would fail): say so at load.
+    if base_url and api_key_env and "@" in urlsplit(base_url).netloc:
+        raise ValueError(
+            "base_url holds credentials (user:password@) and api_key_env names a key: give one of "
+            "them (a bearer key in api_key_env, or basic auth in the URL)"
+        )
 
 
 class RetrySettings(Strict):
@@ -248,6 +262,11 @@ class EmbedderSettings(Strict):
         2.0, ge=0, le=100, description="how long a lookup waits for others to batch with"
     )
     timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EmbedderSettings:
+        _one_credential(self.base_url, self.api_key_env)
+        return self
 
 
 class CacheSettings(Strict):
@@ -417,6 +436,24 @@ class Settings(BaseSettings):
                 f"auth.open serves anyone who can reach {self.server.host}; "
                 "bind server.host to 127.0.0.1 or configure auth.api_keys"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _long_keys_off_loopback(self) -> Settings:
+        # On a public bind a key is all that stands between the internet and the models: a short one
+        # is guessed (wrong keys are only slowed, never locked out: iros.gateway.guard).
+        if _is_loopback(self.server.host):
+            return self
+        for kind in ("api_keys", "admin_keys"):
+            for i, entry in enumerate(getattr(self.auth, kind)):
+                key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
+                if key is not None and len(key.strip()) < MIN_KEY_CHARS:
+                    where = f"auth.{kind}[{i}]" + (f" ({entry.name})" if entry.name else "")
+                    raise ValueError(
+                        f"{where}: a key on a public bind ({self.server.host}) needs at least "
+                        f"{MIN_KEY_CHARS} characters; this one has {len(key.strip())} "
+                        "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                    )
         return self
 
     def model_names(self) -> list[str]:

@@ -13,6 +13,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from iros.core.errors import IrosError, error_path
+from iros.core.limits import MAX_NESTING, json_depth
 
 
 class _Loose(BaseModel):
@@ -148,6 +149,15 @@ def parse_request(body: bytes) -> ParsedRequest:
         raise IrosError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise IrosError(400, "the request body must be a JSON object", code="invalid_json")
+    # Fewer brackets than the bound cannot nest past it: a small request skips the walk (counting is a
+    # third of walking); a large one walks its few containers rather than scan megabytes of text.
+    small = len(body) <= 65536
+    if (not small or body.count(b"[") + body.count(b"{") > MAX_NESTING) and json_depth(data) > MAX_NESTING:
+        raise IrosError(
+            400,
+            f"the request nests JSON objects and arrays more than {MAX_NESTING} levels deep",
+            code="nesting_too_deep",
+        )
     try:
         req = _validator.validate_python(data)
     except ValidationError as exc:

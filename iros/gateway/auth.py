@@ -81,6 +81,13 @@ class KeyRing:
         digest, principal = found
         return self.sessions.issue(principal.name, digest)
 
+    def end_session(self, token: str) -> bool:
+        """Logout: a valid session token is revoked in every worker; False for anything else."""
+        if self.sessions is None or self.check_session(token) is None:
+            return False
+        self.sessions.revoke(token)
+        return True
+
     def check_session(self, token: str) -> Principal | None:
         name = self.sessions.verify(token, self.digest_of) if self.sessions is not None else None
         return Principal(name, Role.ADMIN) if name is not None else None

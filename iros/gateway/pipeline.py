@@ -11,9 +11,7 @@ await gateway(scope, receive, send)           # streams go out through stream_re
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,11 +27,12 @@ from iros.cache.plan import SHARED, Plan
 from iros.config import Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
-from iros.core.record import Observer, RequestRecord, log_access, note_result, upstream_ms
+from iros.core.record import Observer, RequestIds, RequestRecord, log_access, note_result, upstream_ms
 from iros.core.schema import ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
+from iros.gateway.guard import KeyGuard
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
 from iros.gateway.singleflight import SingleFlight, request_key
@@ -57,6 +56,7 @@ class Gateway:
         keyring: KeyRing,
         admission: Admission,
         cache: ResponseCache | None = None,
+        guard: KeyGuard | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -65,13 +65,14 @@ class Gateway:
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
         self.ratelimit = RateLimiter(settings.auth.burst)
+        # Wrong keys slow their address down (the other routes share it through GuardMiddleware).
+        self.guard = guard or KeyGuard()
         self.observers: list[Observer] = []
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
         self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
-        # Request ids: a random per-process prefix and a counter; unique across workers, cheaper than uuid4.
-        self._id_prefix = os.urandom(5).hex()
-        self._ids = itertools.count(1)
+        # Random, so that no key can guess another's (feedback names a request by its id).
+        self._next_id = RequestIds()
         if settings.server.access_log:
             self.observers.append(log_access)
         # Identical requests in flight at once share one upstream call.
@@ -82,7 +83,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
-        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
+        record = RequestRecord(self._next_id(), time.time(), spans)
         try:
             if scope["method"] != "POST":
                 raise IrosError(
@@ -99,7 +100,17 @@ class Gateway:
                     content_length = value
                 elif name == b"cache-control":
                     cache_control = value
-            principal = self.keyring.authenticate(authorization)
+            guard = self.guard
+            if guard.active and (delay := guard.penalty(_address(scope), authorization)):
+                await asyncio.sleep(delay)  # this address is guessing keys: it waits before the check
+            try:
+                principal = self.keyring.authenticate(authorization)
+            except IrosError as exc:
+                if exc.status == 401 and authorization is not None:
+                    guard.failed(_address(scope))
+                raise
+            if guard.active:
+                guard.passed(_address(scope), authorization)
             record.principal = principal.name
             self.ratelimit.check(principal)
             spans.lap("auth")
@@ -181,7 +192,7 @@ class Gateway:
         if await self.cache.store.get(plan.key) is not None:
             return "already_cached"
         candidates = self.router.candidates(model)
-        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), Spans())
+        record = RequestRecord(self._next_id(), time.time(), Spans())
         await self.admission.acquire()
         try:
 
@@ -398,6 +409,11 @@ class Gateway:
             await send({"type": "http.response.body", "body": body})
         except OSError:
             pass
+
+
+def _address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _too_large(limit: int) -> IrosError:

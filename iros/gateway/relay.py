@@ -147,7 +147,7 @@ async def relay(
     except UpstreamError as exc:
         spans.lap("stream")
         state["finished"] = True
-        error = exc.to_client()
+        error = exc.to_client(deployment.name)
         deployment.breaker.failure()
         selector.failure(deployment.name)
         record.error = error.code

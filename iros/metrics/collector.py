@@ -99,7 +99,8 @@ class Collector:
         self._batch: dict[SeriesKey, tuple[list[Floats], list[Floats]]] = {}  # per series: ts, values
         self.frames: deque[Frame] = deque()
         self.recent: deque[ResponseMetrics] = deque(maxlen=1000)
-        self._ids: dict[str, str] = {}  # request id -> the model that answered, oldest first
+        # request id -> (the model that answered, the key that asked), oldest first
+        self._ids: dict[str, tuple[str, str]] = {}
         self._model_of: dict[str, str] = {}
         self._feedback_seen: set[str] = set()
         self.dropped = 0
@@ -288,7 +289,8 @@ class Collector:
         caches = [r.cache for r in records]
         statuses = [r.status for r in records]
         outcomes = [OUTCOMES.get(code) or outcome_of(code) for code in statuses]
-        self._ids.update(zip([r.request_id for r in records], models, strict=True))
+        owners = zip(models, [r.principal for r in records], strict=True)
+        self._ids.update(zip([r.request_id for r in records], owners, strict=True))
         self._forget()
         for labels, count in Counter(zip(models, map(code_label, statuses), caches, strict=True)).items():
             expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
@@ -392,15 +394,18 @@ class Collector:
                 self._feedback_seen.discard(old)
 
     # --- feedback -------------------------------------------------------------------------------
-    def feedback(self, request_id: str, score: float) -> str:
-        """Record a user's score for a response; returns the model that answered it.
+    def feedback(self, request_id: str, score: float, principal: str | None = None) -> str:
+        """Record a user's score for a response; returns the model that answered it. With `principal`
+        (a key's name), only a response to that key counts; None (an admin) may score any.
 
-        Raises KeyError for a request id this process has not seen (or no longer remembers) and
-        ValueError for a second score on the same response.
+        Raises KeyError for a request id this process has not seen (or no longer remembers), or one
+        another key made, and ValueError for a second score on the same response.
         """
         if "user_journey" not in self.groups:
             raise PermissionError("user journey metrics are off (metrics_collection.custom_metrics)")
-        model = self._ids[request_id]
+        model, owner = self._ids[request_id]
+        if principal is not None and principal != owner:
+            raise KeyError(request_id)  # the same answer as an unknown id: nothing about others' requests
         if request_id in self._feedback_seen:
             raise ValueError(f"request {request_id} already has feedback")
         self._feedback_seen.add(request_id)

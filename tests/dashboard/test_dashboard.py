@@ -338,9 +338,9 @@ class TestSessions:
         ring = self.ring(sessions, ADMIN_KEY)
         token = ring.issue_session(ADMIN_KEY)
         assert token
-        name, expiry, mac = token.split(".")
-        assert ring.check_session(f"{name}.{expiry}.{mac[:-2]}xx") is None
-        assert ring.check_session(f"{name}.{int(expiry) + 1}.{mac}") is None
+        name, expiry, sid, mac = token.split(".")
+        assert ring.check_session(f"{name}.{expiry}.{sid}.{mac[:-2]}xx") is None
+        assert ring.check_session(f"{name}.{int(expiry) + 1}.{sid}.{mac}") is None
         assert self.ring(Sessions(sessions.secret, ttl=-1), ADMIN_KEY).issue_session(ADMIN_KEY) is not None
         expired = self.ring(Sessions(sessions.secret, ttl=-1), ADMIN_KEY)
         assert expired.check_session(expired.issue_session(ADMIN_KEY) or "") is None
