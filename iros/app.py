@@ -46,7 +46,7 @@ from iros.core.errors import IrosError
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
-from iros.gateway.guard import GuardMiddleware
+from iros.gateway.keyguard import KeyGuardMiddleware
 from iros.gateway.pipeline import Gateway
 from iros.gateway.sessions import Sessions
 from iros.metrics.exposition import mark_worker_gone
@@ -115,7 +115,7 @@ class IrosApp:
             routes=routes,
             # Wrong keys and sign-ins slow their address (the gateway checks the same guard inline).
             middleware=[
-                Middleware(GuardMiddleware, guard=gateway.guard),
+                Middleware(KeyGuardMiddleware, guard=gateway.guard),
                 Middleware(SessionCookieMiddleware),
             ],
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},

@@ -441,7 +441,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _long_keys_off_loopback(self) -> Settings:
         # On a public bind a key is all that stands between the internet and the models: a short one
-        # is guessed (wrong keys are only slowed, never locked out: iros.gateway.guard).
+        # is guessed (wrong keys are only slowed, never locked out: iros.gateway.keyguard).
         if _is_loopback(self.server.host):
             return self
         for kind in ("api_keys", "admin_keys"):

@@ -137,7 +137,7 @@ class DashboardPages:
         return HTMLResponse(_login_html(), headers=_page_headers())
 
     async def login(self, request: Request) -> Response:
-        # Wrong keys slow their address down (iros.gateway.guard, around every route): never a lockout.
+        # Wrong keys slow their address down (iros.gateway.keyguard, around every route): never a lockout.
         body = b""
         async for chunk in request.stream():
             body += chunk

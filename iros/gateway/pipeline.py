@@ -32,7 +32,7 @@ from iros.core.schema import ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
-from iros.gateway.guard import KeyGuard
+from iros.gateway.keyguard import KeyGuard
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
 from iros.gateway.singleflight import SingleFlight, request_key
@@ -65,7 +65,7 @@ class Gateway:
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
         self.ratelimit = RateLimiter(settings.auth.burst)
-        # Wrong keys slow their address down (the other routes share it through GuardMiddleware).
+        # Wrong keys slow their address down (the other routes share it through KeyGuardMiddleware).
         self.guard = guard or KeyGuard()
         self.observers: list[Observer] = []
         metrics = settings.metrics_collection

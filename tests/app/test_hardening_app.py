@@ -18,7 +18,7 @@ import yaml
 
 from iros.config import MIN_KEY_CHARS
 from iros.core.limits import MAX_NESTING
-from iros.gateway.guard import MAX_FAILURES, MAX_PENALTY
+from iros.gateway.keyguard import MAX_FAILURES, MAX_PENALTY
 from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_TOTAL_CHARS
 from iros.testing.iros import IrosProcess, free_port, wait_until
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from iros.gateway.guard import MAX_ADDRESSES, MAX_FAILURES, MAX_PENALTY, STEP, WINDOW, KeyGuard
+from iros.gateway.keyguard import MAX_ADDRESSES, MAX_FAILURES, MAX_PENALTY, STEP, WINDOW, KeyGuard
 
 
 class Clock:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["MAX_FAILURES", "MAX_PENALTY", "GuardMiddleware", "KeyGuard"]
+__all__ = ["MAX_FAILURES", "MAX_PENALTY", "KeyGuard", "KeyGuardMiddleware"]
 
 MAX_FAILURES = 10  # wrong keys from one address before attempts from it are slowed
 WINDOW = 60.0  # seconds over which MAX_FAILURES fade away
@@ -101,7 +101,7 @@ class KeyGuard:
             entry.known.add(_credential(authorization))
 
 
-class GuardMiddleware:
+class KeyGuardMiddleware:
     """The guard for every route but the chat path (the gateway checks it inline): requests that carry
     a key, and sign-ins, wait their penalty; a 401 (or a WebSocket refused with 1008) counts as a
     failure, an answer below 400 marks the key good for the address."""
