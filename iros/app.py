@@ -109,6 +109,7 @@ class IrosApp:
         self.optimizer = optimizer
         self.analysis = analysis
         self.alerts = alerts
+        self._settling: asyncio.Task[None] | None = None
         self.routes = Starlette(
             routes=routes,
             middleware=[Middleware(SessionCookieMiddleware)],
@@ -185,8 +186,18 @@ class IrosApp:
             await self.analysis.start()
         if self.alerts is not None:
             await self.alerts.start()
+        if self.monitor is not None:
+            self._settling = asyncio.create_task(self._settle(self.monitor))
+
+    async def _settle(self, monitor: Monitor) -> None:
+        # The CPU KPI is the gateway's load: it counts once start-up work (the embedding model) is over.
+        if self.cache is not None:
+            await self.cache.semantic_started(within=600.0)
+        monitor.collector.started()
 
     async def _stop_parts(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
