@@ -52,6 +52,8 @@ from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
 from iros.optimization.tuning import Tuning
+from iros.otel.env import OtelEnv
+from iros.otel.export import Telemetry
 from iros.routing.router import Router
 
 log = logging.getLogger("iros")
@@ -100,6 +102,7 @@ class IrosApp:
         optimizer: Optimizer,
         analysis: AnalysisAPI | None,
         alerts: AlertEngine | None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -109,6 +112,7 @@ class IrosApp:
         self.optimizer = optimizer
         self.analysis = analysis
         self.alerts = alerts
+        self.telemetry = telemetry
         self._settling: asyncio.Task[None] | None = None
         self.routes = Starlette(
             routes=routes,
@@ -176,6 +180,8 @@ class IrosApp:
             await self._stop_parts()
 
     async def _start_parts(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.start()
         if self.monitor is not None:
             await self.monitor.start()
         if self.cache is not None:
@@ -208,6 +214,8 @@ class IrosApp:
         if self.monitor is not None:
             await self.monitor.close()
             mark_worker_gone()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         await self.router.aclose()
 
 
@@ -254,7 +262,13 @@ def create_app(settings: Settings) -> IrosApp:
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    gateway = Gateway(settings, router, keyring, admission, cache)
+    # OpenTelemetry only when the standard OTEL_* variables ask for it: otherwise the SDK is not imported.
+    otel_env = OtelEnv.read(os.environ)
+    telemetry = Telemetry(otel_env, settings) if otel_env is not None else None
+    tracing = telemetry.start_trace if telemetry is not None and telemetry.traces else None
+    gateway = Gateway(settings, router, keyring, admission, cache, tracing)
+    if telemetry is not None:
+        gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
@@ -291,6 +305,7 @@ def create_app(settings: Settings) -> IrosApp:
         optimizer=optimizer,
         analysis=analysis,
         alerts=alerts,
+        telemetry=telemetry,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from iros.core.spans import Spans
+from iros.core.tracecontext import TraceContext
 
 access_log = logging.getLogger("iros.access")
 
@@ -57,6 +58,7 @@ class RequestRecord:
     upstream_end_ns: int = 0
     coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
     usage_counted: bool = False  # the model server reported no usage: Iros counted it (core.tokens)
+    trace: TraceContext | None = None  # only while traces are exported (OTEL_*): iros/otel
 
 
 Observer = Callable[[RequestRecord], None]

@@ -33,6 +33,7 @@ from iros.core.record import Observer, RequestRecord, log_access, note_result, u
 from iros.core.schema import ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
+from iros.core.tracecontext import TraceContext
 from iros.gateway.auth import KeyRing
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
@@ -57,8 +58,11 @@ class Gateway:
         keyring: KeyRing,
         admission: Admission,
         cache: ResponseCache | None = None,
+        tracing: Callable[[bytes | None], TraceContext] | None = None,
     ) -> None:
         self.settings = settings
+        # Set only while traces are exported (OTEL_*): the request's trace from the client's traceparent.
+        self.tracing = tracing
         self.cache = cache
         self.router = router
         self.keyring = keyring
@@ -83,6 +87,8 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
         record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
+        if self.tracing is not None:
+            record.trace = self.tracing(_header(scope, b"traceparent"))
         try:
             if scope["method"] != "POST":
                 raise IrosError(
@@ -398,6 +404,13 @@ class Gateway:
             await send({"type": "http.response.body", "body": body})
         except OSError:
             pass
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _too_large(limit: int) -> IrosError:
