@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from iros.testing.iros import IrosProcess, wait_until
+from iros.testing.iros import IrosProcess, ProcessFailed, wait_until
 from iros.testing.otlp import OtlpReceiver, ReceivedSpan
 from tests.conftest import RecordingUpstream
 
@@ -199,3 +199,18 @@ def test_without_otel_variables_nothing_is_exported_nor_imported(recorder: Recor
         chat(proc, "rec", "no tracing here")
         headers = {k.lower() for k in recorder.requests[-1]["headers"]}
     assert "traceparent" not in headers
+
+
+def test_the_start_banner_says_what_is_exported(traced: IrosProcess) -> None:
+    """`iros serve` says which signals OTEL_* switched on."""
+    assert "OpenTelemetry (OTEL_*): traces otlp, metrics otlp" in traced.log_path.read_text()
+
+
+def test_an_unsupported_protocol_stops_the_start_naming_the_variable(recorder: RecordingUpstream) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc is refused at start with a message, not ignored."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    proc = IrosProcess.serve(config(recorder), env=env)
+    with pytest.raises(ProcessFailed):
+        proc.start(timeout=30)
+    proc.stop()
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='grpc'" in proc.log_path.read_text()
