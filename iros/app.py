@@ -53,6 +53,8 @@ from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
 from iros.optimization.tuning import Tuning
+from iros.otel.env import OtelEnv
+from iros.otel.export import Telemetry
 from iros.routing.router import Router
 from iros.server.guards import RequestGuard, bounded_body
 
@@ -102,6 +104,7 @@ class IrosApp:
         optimizer: Optimizer,
         analysis: AnalysisAPI | None,
         alerts: AlertEngine | None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -111,6 +114,8 @@ class IrosApp:
         self.optimizer = optimizer
         self.analysis = analysis
         self.alerts = alerts
+        self.telemetry = telemetry
+        self._settling: asyncio.Task[None] | None = None
         self.routes = Starlette(
             routes=routes,
             # Wrong keys and sign-ins slow their address (the gateway checks the same guard inline).
@@ -167,6 +172,8 @@ class IrosApp:
             await self._stop_parts()
 
     async def _start_parts(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.start()
         if self.monitor is not None:
             await self.monitor.start()
         if self.cache is not None:
@@ -177,8 +184,18 @@ class IrosApp:
             await self.analysis.start()
         if self.alerts is not None:
             await self.alerts.start()
+        if self.monitor is not None:
+            self._settling = asyncio.create_task(self._settle(self.monitor))
+
+    async def _settle(self, monitor: Monitor) -> None:
+        # The CPU KPI is the gateway's load: it counts once start-up work (the embedding model) is over.
+        if self.cache is not None:
+            await self.cache.semantic_started(within=600.0)
+        monitor.collector.started()
 
     async def _stop_parts(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
@@ -189,6 +206,8 @@ class IrosApp:
         if self.monitor is not None:
             await self.monitor.close()
             mark_worker_gone()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         await self.router.aclose()
 
 
@@ -235,7 +254,13 @@ def create_app(settings: Settings) -> IrosApp:
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    gateway = Gateway(settings, router, keyring, admission, cache)
+    # OpenTelemetry only when the standard OTEL_* variables ask for it: otherwise the SDK is not imported.
+    otel_env = OtelEnv.read(os.environ)
+    telemetry = Telemetry(otel_env, settings) if otel_env is not None else None
+    tracing = telemetry.start_trace if telemetry is not None and telemetry.traces else None
+    gateway = Gateway(settings, router, keyring, admission, cache, tracing)
+    if telemetry is not None:
+        gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
@@ -272,6 +297,7 @@ def create_app(settings: Settings) -> IrosApp:
         optimizer=optimizer,
         analysis=analysis,
         alerts=alerts,
+        telemetry=telemetry,
     )
 
 

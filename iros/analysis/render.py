@@ -20,7 +20,7 @@ _LABELS = {
     "total_requests": "requests",
     "avg_response_time": "average response time (ms)",
     "p95_response_time": "p95 response time (ms)",
-    "cpu_usage_avg": "CPU per response (%)",
+    "cpu_usage_avg": "Iros CPU, share of the machine (%)",
     "cache_hit_rate": "cache hit rate",
     "error_rate": "error rate",
     "memory_usage_avg": "host memory (%)",
@@ -28,7 +28,7 @@ _LABELS = {
 }
 _CHARTS = {
     "response_time": "Response time, mean per interval (ms)",
-    "cpu_usage": "CPU per response, mean per interval (%)",
+    "cpu_usage": "Iros CPU, share of the machine, mean per interval (%)",
     "cache_performance": "Cache hit rate per interval",
     "error_rate": "Error rate per interval",
     "memory_usage": "Host memory per interval (%)",

@@ -166,7 +166,7 @@ def recommendations(
         return ["no requests were served in this period: nothing to recommend"]
     checks = (
         ("response_time_ms", "avg_response_time", "average response time", "ms", False),
-        ("cpu_usage_percent", "cpu_usage_avg", "CPU per response", "%", False),
+        ("cpu_usage_percent", "cpu_usage_avg", "Iros CPU utilisation", "%", False),
         ("error_rate", "error_rate", "error rate", "", False),
         ("cache_hit_rate", "cache_hit_rate", "cache hit rate", "", True),
     )

@@ -18,6 +18,7 @@ from iros.backends.base import Completion, Readiness
 from iros.config import ModelSettings
 from iros.core.errors import UpstreamError
 from iros.core.spans import Spans
+from iros.core.tracecontext import UPSTREAM_TRACEPARENT
 
 _DONE = b"[DONE]"
 
@@ -63,8 +64,12 @@ class OpenAIBackend:
         return orjson.dumps(payload)
 
     async def _post(self, payload: dict[str, Any], spans: Spans) -> aiohttp.ClientResponse:
+        headers = self._headers
+        traceparent = UPSTREAM_TRACEPARENT.get()  # None unless traces are exported (OTEL_*)
+        if traceparent is not None:
+            headers = {**headers, "traceparent": traceparent}
         try:
-            resp = await self.session.post(self.url, data=self._body(payload), headers=self._headers)
+            resp = await self.session.post(self.url, data=self._body(payload), headers=headers)
         except TimeoutError as exc:
             raise UpstreamError(f"no answer from {self.url} in time", kind="timeout") from exc
         except aiohttp.ClientConnectionError as exc:

@@ -30,6 +30,7 @@ from iros.bench.processes import (
     start_nginx,
 )
 from iros.bench.wrk import Phase, run_wrk, summarize, wrk_progress, wrk_script
+from iros.testing.otlp import OtlpReceiver
 from iros.testing.process import ChildProcess, tail
 
 TARGETS = {"added_p50_ms_at_c1_max": 0.5, "iros_rps_at_c64_min": 3000}
@@ -62,11 +63,14 @@ def run_overhead(
     progress: bool = True,
     keep_dir: Path | None = None,
     metrics_baseline: bool = False,
+    otel: bool = False,
 ) -> dict[str, Any]:
     """Measure wrk against nginx directly and through Iros at each concurrency; returns the report.
 
     With metrics_baseline, a second Iros with metrics collection off runs the same load, and each row
     gains `metrics_cost`: what collection costs in throughput and latency, measured side by side.
+    With otel, another Iros exports traces and metrics over OTLP/HTTP (only OTEL_* set) to a receiver
+    in this process, and each row gains `otel_cost` against the Iros that exports nothing.
     """
     if not concurrency or any(c < 1 for c in concurrency):
         raise BenchError("give one or more concurrencies of at least 1, e.g. --concurrency 1,16,64")
@@ -80,20 +84,27 @@ def run_overhead(
     nginx_proc: ChildProcess | None = None
     iros_proc: ChildProcess | None = None
     bare_proc: ChildProcess | None = None
+    otel_proc: ChildProcess | None = None
+    receiver = OtlpReceiver(decode=False) if otel else None
+    otlp: dict[str, Any] = {}
     bar = wrk_progress(progress)
     with (
         sigterm_as_interrupt(),
         bench_workdir(keep_dir) as workdir,
         bar if bar is not None else contextlib.nullcontext(),
+        receiver if receiver is not None else contextlib.nullcontext(),
     ):
         try:
             phase = Phase(bar, None, None)
             if bar is not None:
-                total = len(concurrency) * (3 if metrics_baseline else 2) * (duration + warmup)
+                total = len(concurrency) * (2 + metrics_baseline + otel) * (duration + warmup)
                 phase.overall = bar.add_task("all runs", total=total, clock="")
                 phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
             nginx_proc = start_nginx(workdir, nginx, max(concurrency))
-            iros_proc = start_iros(workdir, nginx_proc.port, iros_workers)
+            # Only the --otel Iros exports, whatever OTEL_* this shell has; it takes the rest of them
+            # (OTEL_TRACES_SAMPLER, OTEL_BSP_*, ...), so a sampled export can be measured too.
+            no_otel = {"OTEL_SDK_DISABLED": "true"}
+            iros_proc = start_iros(workdir, nginx_proc.port, iros_workers, env=no_otel)
             procs = [(nginx_proc, "nginx", "nginx-error.log"), (iros_proc, "Iros", "iros.log")]
             script = workdir / "bench.lua"
             script.write_text(wrk_script())
@@ -103,12 +114,27 @@ def run_overhead(
             }
             servers: dict[str, ChildProcess] = {"iros": iros_proc}
             if metrics_baseline:
-                bare_proc = start_iros(workdir, nginx_proc.port, iros_workers, metrics=False, name="bare")
+                bare_proc = start_iros(
+                    workdir, nginx_proc.port, iros_workers, metrics=False, name="bare", env=no_otel
+                )
                 procs.append((bare_proc, "Iros without metrics", "bare.log"))
                 servers["iros_no_metrics"] = bare_proc
                 targets["iros_no_metrics"] = (
                     f"{bare_proc.url}/v1/chat/completions",
                     "through Iros without metrics",
+                )
+            if receiver is not None:
+                otel_env = {
+                    "OTEL_SDK_DISABLED": "false",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                    "OTEL_SERVICE_NAME": "iros-bench",
+                }
+                otel_proc = start_iros(workdir, nginx_proc.port, iros_workers, name="otel", env=otel_env)
+                procs.append((otel_proc, "Iros exporting OpenTelemetry", "otel.log"))
+                servers["iros_otel"] = otel_proc
+                targets["iros_otel"] = (
+                    f"{otel_proc.url}/v1/chat/completions",
+                    "through Iros with OTLP export",
                 )
             for c in concurrency:
                 row: dict[str, Any] = {"concurrency": c}
@@ -138,19 +164,20 @@ def run_overhead(
                 }
                 row["throughput_ratio"] = round(through["rps"] / direct["rps"], 3) if direct["rps"] else None
                 if metrics_baseline:
-                    bare = row["iros_no_metrics"]
-                    row["metrics_cost"] = {
-                        "throughput_ratio": round(through["rps"] / bare["rps"], 3) if bare["rps"] else None,
-                        "added_p50_ms": round(through["p50_ms"] - bare["p50_ms"], 3),
-                        "added_p99_ms": round(through["p99_ms"] - bare["p99_ms"], 3),
-                    }
+                    row["metrics_cost"] = _cost(through, row["iros_no_metrics"])
+                if otel:
+                    row["otel_cost"] = _cost(row["iros_otel"], through)
                 results.append(row)
+            if otel_proc is not None and receiver is not None:
+                # Stopping flushes what the exporter still holds; then count what arrived.
+                otel_proc.stop()
+                otlp = {"export_requests": dict(receiver.requests), "bytes": receiver.bytes}
         finally:
-            for child in (bare_proc, iros_proc, nginx_proc):
+            for child in (otel_proc, bare_proc, iros_proc, nginx_proc):
                 if child is not None:
                     child.stop()
 
-    return {
+    report: dict[str, Any] = {
         "benchmark": "overhead",
         "duration_s": float(duration),
         "warmup_s": float(warmup),
@@ -164,6 +191,23 @@ def run_overhead(
         "targets": dict(TARGETS),
         "met": _met(results),
     }
+    if otel:
+        report["otel_received"] = otlp
+    return report
+
+
+def _cost(with_it: dict[str, Any], without: dict[str, Any]) -> dict[str, Any]:
+    """What a feature costs: the same load through an Iros with it and one without, side by side."""
+    cost: dict[str, Any] = {
+        "throughput_ratio": round(with_it["rps"] / without["rps"], 3) if without["rps"] else None,
+        "added_p50_ms": round(with_it["p50_ms"] - without["p50_ms"], 3),
+        "added_p99_ms": round(with_it["p99_ms"] - without["p99_ms"], 3),
+    }
+    if "cpu_us_per_request" in with_it and "cpu_us_per_request" in without:
+        cost["added_cpu_us_per_request"] = round(
+            with_it["cpu_us_per_request"] - without["cpu_us_per_request"], 1
+        )
+    return cost
 
 
 def _met(results: list[dict[str, Any]]) -> dict[str, bool | None]:

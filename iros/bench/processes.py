@@ -183,7 +183,12 @@ def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = T
 
 
 def start_iros(
-    workdir: Path, upstream_port: int, workers: int = 1, metrics: bool = True, name: str = "iros"
+    workdir: Path,
+    upstream_port: int,
+    workers: int = 1,
+    metrics: bool = True,
+    name: str = "iros",
+    env: dict[str, str] | None = None,
 ) -> ChildProcess:
     port = free_port()
     conf = workdir / f"{name}.yaml"
@@ -192,7 +197,12 @@ def start_iros(
     if workers != 1:
         cmd += ["--workers", str(workers)]
     child = ChildProcess(
-        cmd, port, name="Iros (`iros serve`)", log_path=workdir / f"{name}.log", stop_timeout=_STOP_TIMEOUT
+        cmd,
+        port,
+        name="Iros (`iros serve`)",
+        env=env,
+        log_path=workdir / f"{name}.log",
+        stop_timeout=_STOP_TIMEOUT,
     )
     return start_child(child, 20.0)
 

@@ -49,6 +49,10 @@ def bench_overhead(
         bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
     ] = False,
     workers: Annotated[int, typer.Option(help="Iros worker processes (iros serve --workers)")] = 1,
+    otel: Annotated[
+        bool,
+        typer.Option(help="also run an Iros exporting OpenTelemetry (OTLP/HTTP), to show what export costs"),
+    ] = False,
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -67,7 +71,12 @@ def bench_overhead(
     try:
         check_tools()
         result = run_overhead(
-            levels, duration, warmup=warmup, metrics_baseline=metrics_baseline, iros_workers=workers
+            levels,
+            duration,
+            warmup=warmup,
+            metrics_baseline=metrics_baseline,
+            iros_workers=workers,
+            otel=otel,
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
@@ -105,6 +114,18 @@ def bench_tsdb(
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         raise fail(f"bench tsdb: {exc}") from None
     print_json(result)
+
+
+@bench_app.command("otel")
+def bench_otel(
+    requests: Annotated[int, typer.Option(help="synthetic finished requests to export")] = 2000,
+) -> None:
+    """CPU that OpenTelemetry export spends per request (spans, instruments, OTLP encoding), in-process."""
+    from iros.bench.otel import run_otel_bench
+
+    if requests < 1:
+        raise fail("--requests must be 1 or more")
+    print_json(run_otel_bench(requests=requests))
 
 
 @bench_app.command("collector")

@@ -22,6 +22,7 @@ from iros import __version__
 from iros.cli.bench import bench_app
 from iros.cli.common import ConfigOption, err, fail, load_config
 from iros.config import ConfigError
+from iros.otel.env import OtelEnv
 
 app = typer.Typer(
     help="Iros: an OpenAI-compatible gateway that makes LLM responses faster, cheaper and observable.",
@@ -90,6 +91,11 @@ def _local_model() -> Iterator[Any]:
 def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) -> None:
     settings = load_config(config, overrides)
     _setup_logging(settings.server.log_level)
+    try:
+        # Checked here too: with --workers each worker reads OTEL_* itself, after this banner.
+        otel = OtelEnv.read(os.environ)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
 
     import uvicorn
 
@@ -120,7 +126,13 @@ def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) 
         f"  dashboard: [cyan]{base}/dashboard/optimization[/]\n"
         f"  OpenAI base URL: [cyan]{base}/v1[/]   health: {base}/health   ready: {base}/ready\n"
         f"  metrics: {base}/metrics   live: {base}/api/metrics/stream   data: {s.data_dir}\n"
-        f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}",
+        f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}"
+        + (
+            f"\n  OpenTelemetry (OTEL_*): traces {','.join(otel.traces) or 'off'}, "
+            f"metrics {','.join(otel.metrics) or 'off'}"
+            if otel is not None
+            else ""
+        ),
         highlight=False,
         soft_wrap=True,
     )

@@ -19,6 +19,7 @@ import orjson
 
 from iros.core.redact import log_value
 from iros.core.spans import Spans
+from iros.core.tracecontext import TraceContext
 
 access_log = logging.getLogger("iros.access")
 
@@ -60,6 +61,7 @@ class RequestRecord:
     upstream_end_ns: int = 0
     coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
     usage_counted: bool = False  # the model server reported no usage: Iros counted it (core.tokens)
+    trace: TraceContext | None = None  # only while traces are exported (OTEL_*): iros/otel
 
 
 Observer = Callable[[RequestRecord], None]

@@ -31,6 +31,7 @@ from iros.core.record import Observer, RequestIds, RequestRecord, log_access, no
 from iros.core.schema import ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
+from iros.core.tracecontext import TraceContext
 from iros.gateway.auth import KeyRing
 from iros.gateway.keyguard import KeyGuard
 from iros.gateway.ratelimit import RateLimiter
@@ -57,8 +58,11 @@ class Gateway:
         admission: Admission,
         cache: ResponseCache | None = None,
         guard: KeyGuard | None = None,
+        tracing: Callable[[bytes | None], TraceContext] | None = None,
     ) -> None:
         self.settings = settings
+        # Set only while traces are exported (OTEL_*): the request's trace from the client's traceparent.
+        self.tracing = tracing
         self.cache = cache
         self.router = router
         self.keyring = keyring
@@ -84,6 +88,8 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
         record = RequestRecord(self._next_id(), time.time(), spans)
+        if self.tracing is not None:
+            record.trace = self.tracing(_header(scope, b"traceparent"))
         try:
             if scope["method"] != "POST":
                 raise IrosError(
@@ -414,6 +420,13 @@ class Gateway:
 def _address(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else ""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _too_large(limit: int) -> IrosError:

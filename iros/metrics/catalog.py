@@ -51,7 +51,7 @@ _DEFS = (
         ("model",),
     ),
     MetricDef(
-        "cpu_usage_percent",
+        "cpu_per_response_percent",
         "%",
         "Iros CPU time per response as a share of that response's time",
         "core",
@@ -153,6 +153,15 @@ _DEFS = (
     MetricDef("cpu_percent", "%", "host CPU utilisation", "system", "gauge", "iros_system_cpu_percent"),
     MetricDef(
         "memory_percent", "%", "host memory utilisation", "system", "gauge", "iros_system_memory_percent"
+    ),
+    # The CPU KPI (performance_targets.cpu_usage_percent): what the gateway takes of the machine.
+    MetricDef(
+        "cpu_usage_percent",
+        "%",
+        "Iros CPU utilisation as a share of the machine (100 = every core busy)",
+        "system",
+        "gauge",
+        "iros_cpu_usage_percent",
     ),
     MetricDef(
         "process_cpu_percent",

@@ -49,7 +49,7 @@ _COUNT = (0, 1, 2, 5, 10, 25)
 BUCKETS: dict[str, tuple[float, ...]] = {
     "response_time_ms": _DURATION,
     "overhead_ms": _OVERHEAD,
-    "cpu_usage_percent": _PERCENT,
+    "cpu_per_response_percent": _PERCENT,
     "ttft_ms": _TTFT,
     "tpot_ms": _TPOT,
     "stream_max_gap_ms": _TTFT,
@@ -65,6 +65,7 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 # Process-level gauges add up across workers; host-level ones are one reading of the same machine.
 _PROCESS_GAUGES = frozenset(
     {"process_cpu_percent", "process_memory_bytes", "active_connections", "queue_length"}
+    | {"cpu_usage_percent"}  # each worker's share of the machine: together, the gateway's
     | {"backend_queue_length"}  # each worker has its own deployment queues
 )
 

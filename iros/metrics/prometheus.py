@@ -48,6 +48,7 @@ GAUGE_AGGREGATION: dict[str, Aggregation] = {
     "iros_backend_queue_length": "sum",  # per worker, like iros_queue_length
     "iros_process_resident_memory_bytes": "sum",
     "iros_process_cpu_percent": "sum",
+    "iros_cpu_usage_percent": "sum",  # each worker's share of the machine
     "iros_system_cpu_percent": "avg",
     "iros_system_memory_percent": "avg",
     "iros_disk_usage_percent": "avg",

@@ -38,8 +38,8 @@ def day_of_traffic(
         store.append(
             {("response_time_ms", labels(cache)): Samples(ts[mask], rng.normal(latency, 40, mask.sum()))}
         )
-    store.append({("cpu_usage_percent", (("model", "fast"),)): Samples(ts, rng.gamma(4, 0.5, n))})
     gauges = start + np.arange(0, DAY, 60.0)
+    store.append({("cpu_usage_percent", ()): Samples(gauges, rng.gamma(4, 0.5, gauges.size))})
     store.append({("memory_percent", ()): Samples(gauges, rng.normal(40, 2, gauges.size))})
 
 
