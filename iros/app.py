@@ -43,6 +43,7 @@ from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
+from iros.core.schema import OPERATIONS
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
@@ -55,7 +56,6 @@ from iros.optimization.tuning import Tuning
 from iros.routing.router import Router
 
 log = logging.getLogger("iros")
-CHAT_PATH = "/v1/chat/completions"
 
 
 def check_settings(settings: Settings) -> None:
@@ -124,7 +124,7 @@ class IrosApp:
             else:
                 await send({"type": "websocket.close", "code": 1009})
             return
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+        if scope["type"] == "http" and scope["path"] in OPERATIONS:
             await self.gateway(scope, receive, send)
         else:
             await self.routes(scope, receive, send)
@@ -248,7 +248,7 @@ def create_app(settings: Settings) -> IrosApp:
         gateway.observers.append(monitor.collector.observe)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
 
-    system = SystemAPI(settings, router, admission, keyring, monitor, CHAT_PATH)
+    system = SystemAPI(settings, router, admission, keyring, monitor)
     routes = system.routes()
     analysis = alerts = None
     if monitor is not None:

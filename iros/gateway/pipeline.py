@@ -1,4 +1,8 @@
-"""The request pipeline of /v1/chat/completions: auth → parse → cache → route → queue → call → respond.
+"""The request pipeline of the model API: auth → parse → cache → route → queue → call → respond.
+
+One pipeline serves /v1/chat/completions, /v1/completions (the legacy text API) and /v1/embeddings
+(core/schema.py's OPERATIONS): each is validated by its own schema, cached exactly (chat semantically
+too), routed, failed over and metered the same way; the backend is told which endpoint to call.
 
 A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
 speaks ASGI directly instead of going through a framework's request and response objects.
@@ -30,7 +34,7 @@ from iros.config import Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
 from iros.core.record import Observer, RequestRecord, log_access, note_result, upstream_ms
-from iros.core.schema import ParsedRequest, parse_request
+from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
@@ -84,10 +88,11 @@ class Gateway:
         spans = Spans()
         record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
         try:
+            operation = record.operation = OPERATIONS[scope["path"]]
             if scope["method"] != "POST":
                 raise IrosError(
                     405,
-                    "use POST for /v1/chat/completions",
+                    f"use POST for {scope['path']}",
                     code="method_not_allowed",
                     headers={"allow": "POST"},
                 )
@@ -103,7 +108,7 @@ class Gateway:
             record.principal = principal.name
             self.ratelimit.check(principal)
             spans.lap("auth")
-            request = parse_request(await self._read_body(receive, content_length))
+            request = parse_request(await self._read_body(receive, content_length), operation)
             record.model, record.stream = request.model, request.stream
             if self.sample_rate and random.random() < self.sample_rate:
                 record.sampled, record.payload = True, request.data
@@ -301,7 +306,7 @@ class Gateway:
         spans = record.spans
 
         async def complete(deployment: Deployment) -> Completion:
-            return await deployment.backend.complete(request.data, spans)
+            return await deployment.backend.complete(request.data, spans, request.operation)
 
         async def upstream() -> tuple[Deployment, Completion]:
             return await self._call(candidates, record, complete)
@@ -309,7 +314,7 @@ class Gateway:
         if self.flight is None:
             deployment, completion = await upstream()
         else:
-            key = request_key(record.principal, request.data)
+            key = request_key(f"{record.principal}\0{request.operation}", request.data)
             (deployment, completion), shared = await self.flight.do(key, upstream)
             if shared:
                 # The wait was for the model's answer: upstream time, not Iros's.
@@ -319,10 +324,7 @@ class Gateway:
         note_result(record, completion.data)
         if not record.usage:
             # The body goes out as the server wrote it; the metrics get the usage Iros counts.
-            record.usage, record.usage_counted = (
-                counted_usage(request.data.get("messages"), completion.data),
-                True,
-            )
+            record.usage, record.usage_counted = counted_usage(request.data, completion.data), True
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:
@@ -350,7 +352,7 @@ class Gateway:
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
         async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
-            chunks = deployment.backend.stream(request.data, spans)
+            chunks = deployment.backend.stream(request.data, spans, request.operation)
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
@@ -374,7 +376,7 @@ class Gateway:
                 keep,
                 stall_ns=self.stall_ns,
                 selector=self.router.selector,
-                messages=request.data.get("messages"),
+                payload=request.data,
                 include_usage=request.include_usage,
             )
         finally:

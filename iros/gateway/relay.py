@@ -1,7 +1,7 @@
 """The streamed answer's relay: upstream chunks to the client as SSE, timed, cut cleanly on either side.
 
 ok = await relay(chunks, first, deployment, record, receive, send, keep, stall_ns=..., selector=...,
-                 messages=request["messages"], include_usage=True)
+                 payload=request.data, include_usage=True)
 # True once [DONE] went out; a failed upstream ends with an error event (never [DONE]), a client that
 # hangs up cancels the upstream (record.status 499). Headers are sent first, from response_headers().
 # A stream that reported no usage (llama.cpp's) gets it counted by Iros (record.usage_counted), sent as
@@ -22,7 +22,7 @@ from starlette.types import Receive, Send
 
 from iros.core.errors import UpstreamError
 from iros.core.record import NOTABLE_CHUNK, RequestRecord, note_chunk
-from iros.core.tokens import count_completion_tokens, count_prompt_tokens
+from iros.core.tokens import count_completion_tokens, count_input_tokens
 from iros.routing.router import Deployment
 from iros.routing.selection import Selector
 
@@ -62,7 +62,7 @@ async def relay(
     *,
     stall_ns: int,
     selector: Selector,
-    messages: Any = None,
+    payload: dict[str, Any] | None = None,
     include_usage: bool = False,
 ) -> bool:
     """Relay the stream; True when it ended with [DONE]. `keep` collects the chunks for the cache."""
@@ -135,12 +135,12 @@ async def relay(
         state["finished"] = True
         counted = None
         if include_usage and answer and not record.usage:
-            counted = _count_usage(record, answer, messages)
+            counted = _count_usage(record, answer, payload or {})
             await send({"type": "http.response.body", "body": b"data: %s\n\n" % counted, "more_body": True})
         await send({"type": "http.response.body", "body": DONE})
         if counted is None and answer and not record.usage:
             # For the metrics and the cached answer, once the client has all of it.
-            counted = _count_usage(record, answer, messages)
+            counted = _count_usage(record, answer, payload or {})
         if counted is not None and keep is not None:
             keep.append(counted)
         return True
@@ -175,7 +175,7 @@ async def relay(
     return False
 
 
-def _count_usage(record: RequestRecord, answer: list[bytes], messages: Any) -> bytes:
+def _count_usage(record: RequestRecord, answer: list[bytes], payload: dict[str, Any]) -> bytes:
     """Usage for a stream whose server reported none, counted here and marked so (never zero), as the
     usage chunk OpenAI's servers end a stream with."""
     chunks = []
@@ -186,7 +186,7 @@ def _count_usage(record: RequestRecord, answer: list[bytes], messages: Any) -> b
             continue
         if isinstance(chunk, dict):
             chunks.append(chunk)
-    prompt = count_prompt_tokens(messages) if isinstance(messages, list) else 1
+    prompt = count_input_tokens(payload)
     completion = count_completion_tokens(chunks)
     record.usage = {
         "prompt_tokens": prompt,
