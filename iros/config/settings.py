@@ -91,6 +91,16 @@ class TimeoutSettings(Strict):
     read_seconds: float = Field(120.0, gt=0, description="longest silence between two bytes from upstream")
 
 
+class Pricing(Strict):
+    """What a deployment's tokens cost, in US dollars per million."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens the upstream served from its own cache (default: input price)"
+    )
+
+
 class ModelSettings(Strict):
     name: str = Field(min_length=1, max_length=128)
     backend: Literal["openai", "simulated"] = "openai"
@@ -107,6 +117,7 @@ class ModelSettings(Strict):
         256, ge=0, description="requests waiting for one of max_connections; beyond it the next candidate"
     )
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    pricing: Pricing | None = Field(None, description="per-million-token prices; none: answers cost 0")
 
     @field_validator("base_url")
     @classmethod

@@ -58,6 +58,10 @@ class RequestRecord:
     upstream_end_ns: int = 0
     coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
     usage_counted: bool = False  # the model server reported no usage: Iros counted it (core.tokens)
+    # US dollars (gateway/costs.py): what the answer cost (None: no pricing), and what an answer served
+    # without a model call (cache hit, shared call) would have cost.
+    cost_usd: float | None = None
+    saved_usd: float = 0.0
 
 
 Observer = Callable[[RequestRecord], None]

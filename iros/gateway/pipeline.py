@@ -38,6 +38,7 @@ from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
+from iros.gateway.costs import Prices, cost
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
 from iros.gateway.singleflight import SingleFlight, request_key
@@ -70,6 +71,7 @@ class Gateway:
         self.max_body = settings.server.max_body_bytes
         self.ratelimit = RateLimiter(settings.auth.burst)
         self.observers: list[Observer] = []
+        self.prices = Prices(settings.models)
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
         self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
@@ -215,6 +217,10 @@ class Gateway:
         completion = orjson.loads(hit.entry.body)
         note_result(record, completion)
         record.status, record.deployment = 200, f"{hit.entry.model}#cache"
+        record.cost_usd, record.saved_usd = (
+            0.0,
+            cost(self.prices.of_model(hit.entry.model), record.usage) or 0.0,
+        )
         if not request.stream:
             body = ResponseCache.replay_json(hit, record.request_id)
             record.body_bytes = len(body)
@@ -325,6 +331,11 @@ class Gateway:
         if not record.usage:
             # The body goes out as the server wrote it; the metrics get the usage Iros counts.
             record.usage, record.usage_counted = counted_usage(request.data, completion.data), True
+        price = cost(deployment.settings.pricing, record.usage)
+        if record.coalesced:
+            record.cost_usd, record.saved_usd = 0.0, price or 0.0  # the call's owner paid for it
+        else:
+            record.cost_usd = price
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:

@@ -292,6 +292,7 @@ class Collector:
         self._forget()
         for labels, count in Counter(zip(models, map(code_label, statuses), caches, strict=True)).items():
             expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
+        self._money(records, models)
         system = self.sampler.latest
         self.recent.extend(
             response_metrics(records[i], models[i], float(cpu_ms[i]), float(overhead[i]), system)
@@ -340,6 +341,22 @@ class Collector:
                     tokens = int(columns[name][which].sum())
                     if tokens:
                         expo.child(expo.tokens, (model, kind, usage)).inc(tokens)  # type: ignore[attr-defined]
+
+    def _money(self, records: list[RequestRecord], models: list[str]) -> None:
+        """iros_cost_usd_total and iros_cost_saved_usd_total by model and key (a configured key's name)."""
+        spent: dict[tuple[str, str], float] = {}
+        saved: dict[tuple[str, str], float] = {}
+        for record, model in zip(records, models, strict=True):
+            if record.cost_usd:
+                key = (model, record.principal)
+                spent[key] = spent.get(key, 0.0) + record.cost_usd
+            if record.saved_usd:
+                key = (model, record.principal)
+                saved[key] = saved.get(key, 0.0) + record.saved_usd
+        expo = self.exposition
+        for counter, sums in ((expo.cost, spent), (expo.cost_saved, saved)):
+            for labels, usd in sums.items():
+                expo.child(counter, labels).inc(usd)  # type: ignore[attr-defined]
 
     def _stages(
         self, records: list[RequestRecord], ts: Floats, total_ms: Floats, keep: npt.NDArray[np.bool_]
