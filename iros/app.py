@@ -47,8 +47,10 @@ from iros.core.schema import OPERATIONS
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
 from iros.gateway.pipeline import Gateway
 from iros.gateway.sessions import Sessions
+from iros.gateway.spend import SQLiteSpendStore
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
@@ -180,6 +182,8 @@ class IrosApp:
         if self.cache is not None:
             await asyncio.to_thread(Path(self.settings.server.data_dir).mkdir, parents=True, exist_ok=True)
             await self.cache.start()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.start()
         await self.optimizer.start()
         if self.analysis is not None:
             await self.analysis.start()
@@ -192,6 +196,8 @@ class IrosApp:
         if self.analysis is not None:
             await self.analysis.close()
         await self.optimizer.close()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.close()
         if self.cache is not None:
             await self.cache.close()
         if self.monitor is not None:
@@ -243,7 +249,16 @@ def create_app(settings: Settings) -> IrosApp:
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    gateway = Gateway(settings, router, keyring, admission, cache)
+    # What each key spends (the ledger in data_dir, shared by a host's workers) against its budget.
+    on_share = None
+    if monitor is not None:
+        gauge = monitor.collector.gauge
+
+        def on_share(key: str, share: float) -> None:
+            gauge("budget_used_ratio", (("key", key),), share)
+
+    budgets = Budgets(keyring.budgets, SQLiteSpendStore(data_dir / "spend.db"), on_share)
+    gateway = Gateway(settings, router, keyring, admission, cache, budgets)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)

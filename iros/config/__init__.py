@@ -26,6 +26,7 @@ from iros.config.loading import DEFAULT_CONFIG, ConfigError, format_errors, load
 from iros.config.settings import (
     AuthSettings,
     AutoOptimization,
+    Budget,
     CacheSettings,
     CacheStoreSettings,
     CircuitBreakerSettings,
@@ -60,6 +61,7 @@ __all__ = [
     "AlertmanagerChannelConfig",
     "AuthSettings",
     "AutoOptimization",
+    "Budget",
     "CacheSettings",
     "CacheStoreSettings",
     "ChannelSettings",

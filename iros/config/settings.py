@@ -41,6 +41,13 @@ class ServerSettings(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class Budget(Strict):
+    """Spend allowed to one key per calendar period (UTC); once spent, its model requests get 429."""
+
+    usd: float = Field(gt=0, description="US dollars a period")
+    period: Literal["day", "week", "month"] = "month"
+
+
 class KeyEntry(Strict):
     """A key given inline (`key`), read from the environment (`key_env`), or stored as a hash."""
 
@@ -51,6 +58,7 @@ class KeyEntry(Strict):
     requests_per_minute: float | None = Field(
         None, gt=0, description="this key's rate limit; overrides auth.requests_per_minute"
     )
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyEntry:

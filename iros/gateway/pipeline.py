@@ -38,6 +38,7 @@ from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
 from iros.gateway.costs import Prices, cost
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
@@ -62,8 +63,10 @@ class Gateway:
         keyring: KeyRing,
         admission: Admission,
         cache: ResponseCache | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.settings = settings
+        self.budgets = budgets
         self.cache = cache
         self.router = router
         self.keyring = keyring
@@ -85,6 +88,8 @@ class Gateway:
             SingleFlight() if settings.optimization.single_flight else None
         )
         self.observers.append(self._measure)
+        if budgets is not None:
+            self.observers.append(budgets.observe)  # every priced answer to the ledger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
@@ -109,6 +114,8 @@ class Gateway:
             principal = self.keyring.authenticate(authorization)
             record.principal = principal.name
             self.ratelimit.check(principal)
+            if self.budgets is not None:
+                self.budgets.check(principal)
             spans.lap("auth")
             request = parse_request(await self._read_body(receive, content_length), operation)
             record.model, record.stream = request.model, request.stream

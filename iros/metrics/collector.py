@@ -136,6 +136,14 @@ class Collector:
         if stage in SIDE_STAGES:
             self._side.append((stage, time.time(), ms))
 
+    def gauge(self, name: str, labels: tuple[tuple[str, str], ...], value: float) -> None:
+        """A reading of a catalog gauge taken outside the sampler (a key's budget share): to /metrics,
+        the live window (so conditions read it) and the store."""
+        self._add(name, labels, time.time(), value)
+        found = self.exposition.gauges.get(name)
+        if found is not None:
+            self.exposition.child(found, tuple(v for _, v in labels)).set(value / METRICS[name].scale)  # type: ignore[attr-defined]
+
     def on_tick(self, listener: Callable[[], None]) -> None:
         """Call `listener` every live_interval_seconds (the live hub publishes then)."""
         self._listeners.append(listener)

@@ -15,19 +15,22 @@ from iros.config import Pricing, load_settings
 from iros.core.record import RequestRecord
 from iros.gateway.costs import cost
 
-KEY, ADMIN = "sk-team-a", "sk-ops"
+KEY, OTHER, ADMIN = "sk-team-a", "sk-team-b", "sk-ops"
 PRICING = {"input_per_million": 2.0, "output_per_million": 8.0, "cached_input_per_million": 0.5}
 ASK = {"model": "priced", "messages": [{"role": "user", "content": "What is a river?"}], "seed": 1}
 
 
-def priced_settings(tmp_path: Any, **extra: Any) -> Any:
+def priced_settings(tmp_path: Any, budget: dict[str, Any] | None = None, **extra: Any) -> Any:
     return load_settings(
         None,
         {
             "server": {"data_dir": str(tmp_path)},
             "auth": {
                 "open": False,
-                "api_keys": [{"name": "team-a", "key": KEY}],
+                "api_keys": [
+                    {"name": "team-a", "key": KEY, "budget": budget},
+                    {"name": "team-b", "key": OTHER},
+                ],
                 "admin_keys": [{"name": "ops", "key": ADMIN}],
             },
             "models": [
