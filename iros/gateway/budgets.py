@@ -125,8 +125,8 @@ class Budgets:
     # --- background ------------------------------------------------------------------------------
     async def refresh(self) -> None:
         """Write this worker's spend, then read every worker's for each key's current period."""
-        await self.store.flush()
         if not self.budgets:
+            await self.store.flush()
             return
         now = self.clock()
         self._period = {k: period_bounds(b.period, now) for k, b in self.budgets.items()}

@@ -68,7 +68,7 @@ class SpendStore(Protocol):
     async def flush(self) -> None: ...
 
     async def spent(self, since: dict[str, float]) -> dict[str, float]:
-        """USD written for each key since its time (unix seconds, to the minute)."""
+        """USD spent by each key since its time (unix seconds, to the minute), this worker's queue too."""
         ...
 
     async def totals(self, start: float, end: float, group_by: GroupBy) -> list[dict[str, Any]]:
@@ -154,6 +154,7 @@ class SQLiteSpendStore:
     async def spent(self, since: dict[str, float]) -> dict[str, float]:
         if not since:
             return {}
+        await self.flush()  # this worker's own spend is read back too
         return await self.db.run(self._spent, since)
 
     def _spent(self, since: dict[str, float]) -> dict[str, float]:
@@ -168,6 +169,7 @@ class SQLiteSpendStore:
         return out
 
     async def totals(self, start: float, end: float, group_by: GroupBy) -> list[dict[str, Any]]:
+        await self.flush()
         return await self.db.run(self._totals, start, end, group_by)
 
     def _totals(self, start: float, end: float, group_by: GroupBy) -> list[dict[str, Any]]:

@@ -3,10 +3,12 @@ survives a restart and is shared through the ledger; at 80% a warning alert fire
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from iros.app import IrosApp, create_app
@@ -14,7 +16,8 @@ from iros.config import Budget
 from iros.gateway.auth import Principal, Role
 from iros.gateway.budgets import Budgets, period_bounds
 from iros.gateway.spend import Spend, SQLiteSpendStore
-from tests.gateway.test_costs import ASK, OTHER, call, priced_settings
+from iros.testing.iros import IrosProcess
+from tests.gateway.test_costs import ASK, KEY, OTHER, call, priced_settings
 
 # One answer of the simulated model costs about $0.00015 at the test prices: two spend this budget.
 BUDGET = {"usd": 0.0002, "period": "month"}
@@ -126,3 +129,35 @@ class TestAlert:
             changes = await app.alerts.evaluate()
         assert ("budget_80_percent_team-a", "inactive", "firing") in changes
         assert not [c for c in before if c[0].startswith("budget")]
+
+
+@pytest.mark.e2e
+def test_two_workers_enforce_one_budget_and_a_restart_keeps_it(tmp_path: Path) -> None:
+    """`iros serve --workers 2`: whichever worker answers, a spent budget is refused once the workers have
+    refreshed; a restarted server still refuses the key."""
+    config = {
+        "server": {"data_dir": str(tmp_path)},
+        "auth": {"api_keys": [{"name": "team-a", "key": KEY, "budget": {"usd": 0.001, "period": "day"}}]},
+        "models": [
+            {
+                "name": "priced",
+                "backend": "simulated",
+                "profile": "instant",
+                "pricing": {"input_per_million": 2.0, "output_per_million": 8.0},
+            }
+        ],
+    }
+    headers = {"authorization": f"Bearer {KEY}"}
+
+    def ask(url: str, seed: int) -> int:
+        # A new connection each time, so both workers answer.
+        body = {**ASK, "seed": seed}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+
+    with IrosProcess.serve(config, extra=["--workers", "2"]) as proc:
+        codes = [ask(proc.url, i) for i in range(40)]
+        assert codes[0] == 200 and 429 in codes
+        time.sleep(2.5)  # every worker has read the other's spend back
+        assert {ask(proc.url, 100 + i) for i in range(8)} == {429}
+    with IrosProcess.serve(config) as again:
+        assert ask(again.url, 500) == 429
