@@ -186,6 +186,12 @@ async def relay(
         record.client_gone, record.status = True, 499
     finally:
         watcher.cancel()
+        if record.cost_usd is None and answer and deployment.settings.pricing is not None:
+            # Cut short by the client or the upstream: what was generated is billed all the same, and a
+            # client must not dodge its budget by hanging up before [DONE].
+            if not record.usage:
+                _count_usage(record, answer, payload or {})
+            record.cost_usd = cost(deployment.settings.pricing, record.usage)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -10,14 +10,15 @@ await store.totals(start, end, "model")              # [{"model", "cost_usd", "s
 
 SpendStore is the seam: SQLite (WAL, one writer thread per worker, every worker adding to the same rows
 with one UPSERT per flush) serves the workers of one host; a shared store (Redis) for several hosts can
-stand behind the same four calls. Rows are per minute, so reports and the analysis API can cut any range
-to the minute; a row is small and exists only for a minute with spend.
+stand behind the same calls. Rows are per minute, so reports and the analysis API can cut any range to
+the minute; a row is small, exists only for a minute with spend, and is kept RETENTION_DAYS.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger("iros.budgets")
 
 GroupBy = Literal["key", "model"]
 FLUSH_SECONDS = 1.0
+RETENTION_DAYS = 400  # rows older than this are deleted (once an hour): a year of reports and more
 MAX_PENDING = 100_000  # minute/key/model rows waiting for a flush; beyond it the oldest are merged away
 
 SCHEMA = """
@@ -102,6 +104,7 @@ class SQLiteSpendStore:
         )
         # (minute, key, model) -> [requests, cost, saved, input tokens, output tokens]
         self._pending: dict[tuple[int, str, str], list[float]] = {}
+        self._swept_at = 0.0
 
     async def start(self) -> None:
         await self.db.run(self.db.connect)
@@ -122,6 +125,10 @@ class SQLiteSpendStore:
         row[4] += spend.output_tokens
 
     async def flush(self) -> None:
+        now = time.time()
+        if now - self._swept_at > 3600:
+            self._swept_at = now
+            await self._sweep(now - RETENTION_DAYS * 86400)
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -134,6 +141,15 @@ class SQLiteSpendStore:
                 self._merge(row)
             return
         self.db.recovered()
+
+    async def _sweep(self, before: float) -> None:
+        try:
+            await self.db.run(self._delete_before, before)
+        except (sqlite3.Error, OSError) as exc:
+            self.db.report(exc)
+
+    def _delete_before(self, before: float) -> None:
+        self.db.connect().execute("DELETE FROM spend WHERE minute < ?", (int(before),))
 
     def _merge(self, row: tuple[Any, ...]) -> None:
         minute, key, model, requests, cost, saved, tokens_in, tokens_out = row

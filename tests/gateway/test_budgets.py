@@ -161,3 +161,31 @@ def test_two_workers_enforce_one_budget_and_a_restart_keeps_it(tmp_path: Path) -
         assert {ask(proc.url, 100 + i) for i in range(8)} == {429}
     with IrosProcess.serve(config) as again:
         assert ask(again.url, 500) == 429
+
+
+class TestLedger:
+    async def test_rows_past_the_retention_are_swept_and_groups_are_per_minute(self, tmp_path: Path) -> None:
+        """A row older than the retention is deleted by the next store's first flush; totals cut to the
+        minute and add up a minute's answers."""
+        now = datetime.now(UTC).timestamp()
+        first = SQLiteSpendStore(tmp_path / "spend.db")
+        await first.start()
+        first.add(Spend(now - 500 * 86400, "team-a", "m", 1.0))
+        first.add(Spend(now, "team-a", "m", 0.25, saved_usd=0.5, input_tokens=3, output_tokens=4))
+        first.add(Spend(now, "team-a", "m", 0.25))
+        assert [g["cost_usd"] for g in await first.totals(0, now + 60, "key")] == [1.5]
+        await first.close()
+        second = SQLiteSpendStore(tmp_path / "spend.db")
+        await second.start()
+        try:
+            (group,) = await second.totals(0, now + 60, "model")
+            assert group == {
+                "model": "m",
+                "requests": 2,
+                "cost_usd": 0.5,
+                "saved_usd": 0.5,
+                "input_tokens": 3,
+                "output_tokens": 4,
+            }
+        finally:
+            await second.close()

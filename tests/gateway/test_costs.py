@@ -36,6 +36,7 @@ def priced_settings(tmp_path: Any, budget: dict[str, Any] | None = None, **extra
             "models": [
                 {"name": "priced", "backend": "simulated", "profile": "instant", "pricing": PRICING},
                 {"name": "free", "backend": "simulated", "profile": "instant"},
+                {"name": "cut", "backend": "simulated", "profile": "cut-stream", "pricing": PRICING},
             ],
             "cache": {"semantic": False},
             "metrics_collection": {"live_interval_seconds": 0.2},
@@ -91,6 +92,19 @@ class TestHeader:
         comment = next(line for line in lines if line.startswith(": x-iros-cost-usd "))
         assert lines[-1] == "data: [DONE]" and lines[-2] == comment
         assert float(comment.split()[-1]) == pytest.approx(seen[-1].cost_usd, abs=1e-8) and seen[-1].cost_usd
+
+    async def test_a_stream_cut_short_still_costs_what_was_generated(
+        self, app: tuple[IrosApp, list[RequestRecord]]
+    ) -> None:
+        """A stream the upstream cut after a few chunks never says [DONE], yet its tokens are priced."""
+        gateway, seen = app
+        resp = await call(gateway, "/v1/chat/completions", {**ASK, "model": "cut", "stream": True})
+        assert "[DONE]" not in resp.text and '"error"' in resp.text
+        record = seen[-1]
+        assert record.usage["completion_tokens"] >= 1
+        assert record.cost_usd == pytest.approx(
+            (record.usage["prompt_tokens"] * 2 + record.usage["completion_tokens"] * 8) / 1e6
+        )
 
     async def test_a_cache_hit_costs_nothing_and_counts_what_it_saved(
         self, app: tuple[IrosApp, list[RequestRecord]]
