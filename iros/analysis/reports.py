@@ -190,14 +190,19 @@ def cost_line(costs: dict[str, Any]) -> str | None:
     if not spent and not saved:
         return None
     change = f", {spent / before - 1:+.0%} on the previous period" if before else ""
-    line = f"answers cost ${spent:.4f}{change}; the cache saved ${saved:.4f}"
+    line = f"answers cost {_usd(spent)}{change}; the cache saved {_usd(saved)}"
     if costs["by_key"]:
         top = costs["by_key"][0]
-        line += f"; costliest key {top['key']} (${top['cost_usd']:.4f})"
+        line += f"; costliest key {top['key']} ({_usd(top['cost_usd'])})"
     if costs["by_model"]:
         top = costs["by_model"][0]
-        line += f", costliest model {top['model']} (${top['cost_usd']:.4f})"
+        line += f", costliest model {top['model']} ({_usd(top['cost_usd'])})"
     return line
+
+
+def _usd(value: float) -> str:
+    # Cents where there are some; small sums keep their first significant digits.
+    return f"${value:,.4f}" if value >= 0.01 or not value else f"${value:.6f}"
 
 
 def recommendations(

@@ -84,4 +84,4 @@ class TestReportCosts:
         spent = sum(r.cost_usd or 0 for r in seen)
         assert body["summary"]["cost_usd"] == pytest.approx(spent, abs=1e-8)
         assert {g["key"] for g in body["costs"]["by_key"]} == {"team-a", "team-b"}
-        assert body["recommendations"][0].startswith(f"answers cost ${spent:.4f}")
+        assert body["recommendations"][0].startswith(f"answers cost ${spent:.6f}")
