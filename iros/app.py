@@ -43,12 +43,15 @@ from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
+from iros.core.schema import OPERATIONS
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
 from iros.gateway.keyguard import KeyGuardMiddleware
 from iros.gateway.pipeline import Gateway
 from iros.gateway.sessions import Sessions
+from iros.gateway.spend import SQLiteSpendStore
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
@@ -59,7 +62,6 @@ from iros.routing.router import Router
 from iros.server.guards import RequestGuard, bounded_body
 
 log = logging.getLogger("iros")
-CHAT_PATH = "/v1/chat/completions"
 
 
 def check_settings(settings: Settings) -> None:
@@ -138,7 +140,7 @@ class IrosApp:
             else:
                 await send({"type": "websocket.close", "code": 1009 if refusal.status == 431 else 1008})
             return
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+        if scope["type"] == "http" and scope["path"] in OPERATIONS:
             await self.gateway(scope, receive, send)  # the gateway bounds the body itself
         elif scope["type"] == "http":
             await self.routes(scope, bounded_body(receive, self.settings.server.max_body_bytes), send)
@@ -179,6 +181,8 @@ class IrosApp:
         if self.cache is not None:
             await asyncio.to_thread(Path(self.settings.server.data_dir).mkdir, parents=True, exist_ok=True)
             await self.cache.start()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.start()
         await self.optimizer.start()
         if self.analysis is not None:
             await self.analysis.start()
@@ -201,6 +205,8 @@ class IrosApp:
         if self.analysis is not None:
             await self.analysis.close()
         await self.optimizer.close()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.close()
         if self.cache is not None:
             await self.cache.close()
         if self.monitor is not None:
@@ -254,18 +260,27 @@ def create_app(settings: Settings) -> IrosApp:
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
+    # What each key spends (the ledger in data_dir, shared by a host's workers) against its budget.
+    on_share = None
+    if monitor is not None:
+        gauge = monitor.collector.gauge
+
+        def on_share(key: str, share: float) -> None:
+            gauge("budget_used_ratio", (("key", key),), share)
+
+    budgets = Budgets(keyring.budgets, SQLiteSpendStore(data_dir / "spend.db"), on_share)
     # OpenTelemetry only when the standard OTEL_* variables ask for it: otherwise the SDK is not imported.
     otel_env = OtelEnv.read(os.environ)
     telemetry = Telemetry(otel_env, settings) if otel_env is not None else None
     tracing = telemetry.start_trace if telemetry is not None and telemetry.traces else None
-    gateway = Gateway(settings, router, keyring, admission, cache, tracing)
+    gateway = Gateway(settings, router, keyring, admission, cache, budgets=budgets, tracing=tracing)
     if telemetry is not None:
         gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
 
-    system = SystemAPI(settings, router, admission, keyring, monitor, CHAT_PATH)
+    system = SystemAPI(settings, router, admission, keyring, monitor)
     routes = system.routes()
     analysis = alerts = None
     if monitor is not None:

@@ -319,7 +319,9 @@ class ResponseCache:
 
     # --- saving -------------------------------------------------------------------------------
     def acceptable(self, completion: dict[str, Any]) -> bool:
-        """Only whole answers whose every choice finished for an allowed reason."""
+        """Only whole answers whose every choice finished for an allowed reason (embeddings: a full list)."""
+        if completion.get("object") == "list":
+            return isinstance(completion.get("data"), list) and bool(completion["data"])
         choices = completion.get("choices")
         if not isinstance(choices, list) or not choices:
             return False

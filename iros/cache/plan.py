@@ -84,6 +84,9 @@ def plan(
     if isinstance(options.get("max_age"), int | float):
         max_age = float(options["max_age"])
     canonical = {k: v for k, v in data.items() if k not in _DELIVERY}
+    if request.operation != "chat":
+        # Completions and embeddings are matched exactly, never by meaning; the endpoint is in the key.
+        canonical["operation"] = request.operation
     namespace = principal if settings.namespace == "key" else "global"
     messages = canonical.get("messages") or []
     last = messages[-1] if messages else None

@@ -78,7 +78,7 @@ def _local_model() -> Iterator[Any]:
 
     try:
         with err.status("starting llama.cpp with SmolLM2-135M-Instruct"):
-            llama = LlamaServer().start()
+            llama = LlamaServer(embedding=True).start()
     except ProcessFailed as exc:
         raise fail(f"cannot start the local model: {exc}") from None
     err.print(f"  local model: llama.cpp serving {llama.model} at {llama.base_url} (log: {llama.log_path})")

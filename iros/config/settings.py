@@ -71,6 +71,13 @@ class ServerSettings(Strict):
         return value
 
 
+class Budget(Strict):
+    """Spend allowed to one key per calendar period (UTC); once spent, its model requests get 429."""
+
+    usd: float = Field(gt=0, description="US dollars a period")
+    period: Literal["day", "week", "month"] = "month"
+
+
 class KeyEntry(Strict):
     """A key given inline (`key`), read from the environment (`key_env`), or stored as a hash."""
 
@@ -81,6 +88,7 @@ class KeyEntry(Strict):
     requests_per_minute: float | None = Field(
         None, gt=0, description="this key's rate limit; overrides auth.requests_per_minute"
     )
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyEntry:
@@ -121,6 +129,16 @@ class TimeoutSettings(Strict):
     read_seconds: float = Field(120.0, gt=0, description="longest silence between two bytes from upstream")
 
 
+class Pricing(Strict):
+    """What a deployment's tokens cost, in US dollars per million."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens the upstream served from its own cache (default: input price)"
+    )
+
+
 class ModelSettings(Strict):
     name: str = Field(min_length=1, max_length=128)
     backend: Literal["openai", "simulated"] = "openai"
@@ -137,6 +155,7 @@ class ModelSettings(Strict):
         256, ge=0, description="requests waiting for one of max_connections; beyond it the next candidate"
     )
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    pricing: Pricing | None = Field(None, description="per-million-token prices; none: answers cost 0")
 
     @field_validator("base_url")
     @classmethod

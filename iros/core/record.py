@@ -32,6 +32,7 @@ class RequestRecord:
     started_at: float
     spans: Spans
     principal: str = "-"
+    operation: str = "chat"  # chat, text_completion or embeddings (gen_ai.operation.name)
     model: str | None = None
     deployment: str | None = None
     stream: bool = False
@@ -62,6 +63,10 @@ class RequestRecord:
     coalesced: bool = False  # answered by an identical request's upstream call (single-flight)
     usage_counted: bool = False  # the model server reported no usage: Iros counted it (core.tokens)
     trace: TraceContext | None = None  # only while traces are exported (OTEL_*): iros/otel
+    # US dollars (gateway/costs.py): what the answer cost (None: no pricing), and what an answer served
+    # without a model call (cache hit, shared call) would have cost.
+    cost_usd: float | None = None
+    saved_usd: float = 0.0
 
 
 Observer = Callable[[RequestRecord], None]
@@ -100,10 +105,20 @@ def upstream_ms(spans: Spans) -> float:
     return (d.get("upstream_connect", 0) + d.get("upstream_ttft", 0) + d.get("stream", 0)) / 1e6
 
 
+def usage_of(usage: dict[str, Any]) -> dict[str, int]:
+    """The counts of an OpenAI usage object, with the prompt tokens served from the upstream's cache
+    (prompt_tokens_details.cached_tokens) as `cached_tokens`."""
+    counts = {k: v for k, v in usage.items() if isinstance(v, int)}
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        counts["cached_tokens"] = details["cached_tokens"]
+    return counts
+
+
 def note_result(record: RequestRecord, data: dict[str, Any]) -> None:
     usage = data.get("usage")
     if isinstance(usage, dict):
-        record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        record.usage = usage_of(usage)
     choices = data.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         record.finish_reason = choices[0].get("finish_reason")
@@ -122,7 +137,7 @@ def note_chunk(record: RequestRecord, data: bytes) -> None:
     if isinstance(chunk, dict):
         usage, choices = chunk.get("usage"), chunk.get("choices")
         if isinstance(usage, dict):
-            record.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+            record.usage = usage_of(usage)
         if (
             isinstance(choices, list)
             and choices

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from enum import IntEnum
 
-from iros.config import AuthSettings, ConfigError, KeyEntry
+from iros.config import AuthSettings, Budget, ConfigError, KeyEntry
 from iros.core.errors import IrosError
 from iros.gateway.sessions import Sessions
 
@@ -41,9 +41,12 @@ class KeyRing:
         # put there by the dashboard's SessionCookieMiddleware.
         self.sessions = sessions
         self._by_digest: dict[str, Principal] = {}
+        self.budgets: dict[str, Budget] = {}  # key name -> its spending budget (gateway/budgets.py)
         for role, entries in ((Role.CLIENT, settings.api_keys), (Role.ADMIN, settings.admin_keys)):
             for i, entry in enumerate(entries):
                 digest, name = self._resolve(entry, f"{role.name.lower()}-{i}")
+                if entry.budget is not None:
+                    self.budgets.setdefault(name, entry.budget)
                 known = self._by_digest.get(digest)
                 # A key listed as both keeps the stronger role.
                 if known is None or known.role < role:

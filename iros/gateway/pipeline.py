@@ -1,4 +1,8 @@
-"""The request pipeline of /v1/chat/completions: auth → parse → cache → route → queue → call → respond.
+"""The request pipeline of the model API: auth → parse → cache → route → queue → call → respond.
+
+One pipeline serves /v1/chat/completions, /v1/completions (the legacy text API) and /v1/embeddings
+(core/schema.py's OPERATIONS): each is validated by its own schema, cached exactly (chat semantically
+too), routed, failed over and metered the same way; the backend is told which endpoint to call.
 
 A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
 speaks ASGI directly instead of going through a framework's request and response objects.
@@ -28,11 +32,13 @@ from iros.config import Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
 from iros.core.record import Observer, RequestIds, RequestRecord, log_access, note_result, upstream_ms
-from iros.core.schema import ParsedRequest, parse_request
+from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.core.tracecontext import TraceContext
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
+from iros.gateway.costs import Prices, cost
 from iros.gateway.keyguard import KeyGuard
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
@@ -59,10 +65,12 @@ class Gateway:
         cache: ResponseCache | None = None,
         guard: KeyGuard | None = None,
         tracing: Callable[[bytes | None], TraceContext] | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.settings = settings
         # Set only while traces are exported (OTEL_*): the request's trace from the client's traceparent.
         self.tracing = tracing
+        self.budgets = budgets
         self.cache = cache
         self.router = router
         self.keyring = keyring
@@ -72,6 +80,7 @@ class Gateway:
         # Wrong keys slow their address down (the other routes share it through KeyGuardMiddleware).
         self.guard = guard or KeyGuard()
         self.observers: list[Observer] = []
+        self.prices = Prices(settings.models)
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
         self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
@@ -84,6 +93,8 @@ class Gateway:
             SingleFlight() if settings.optimization.single_flight else None
         )
         self.observers.append(self._measure)
+        if budgets is not None:
+            self.observers.append(budgets.observe)  # every priced answer to the ledger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
@@ -91,10 +102,11 @@ class Gateway:
         if self.tracing is not None:
             record.trace = self.tracing(_header(scope, b"traceparent"))
         try:
+            operation = record.operation = OPERATIONS[scope["path"]]
             if scope["method"] != "POST":
                 raise IrosError(
                     405,
-                    "use POST for /v1/chat/completions",
+                    f"use POST for {scope['path']}",
                     code="method_not_allowed",
                     headers={"allow": "POST"},
                 )
@@ -119,8 +131,10 @@ class Gateway:
                 guard.passed(_address(scope), authorization)
             record.principal = principal.name
             self.ratelimit.check(principal)
+            if self.budgets is not None:
+                self.budgets.check(principal)
             spans.lap("auth")
-            request = parse_request(await self._read_body(receive, content_length))
+            request = parse_request(await self._read_body(receive, content_length), operation)
             record.model, record.stream = request.model, request.stream
             if self.sample_rate and random.random() < self.sample_rate:
                 record.sampled, record.payload = True, request.data
@@ -227,6 +241,10 @@ class Gateway:
         completion = orjson.loads(hit.entry.body)
         note_result(record, completion)
         record.status, record.deployment = 200, f"{hit.entry.model}#cache"
+        record.cost_usd, record.saved_usd = (
+            0.0,
+            cost(self.prices.of_model(hit.entry.model), record.usage) or 0.0,
+        )
         if not request.stream:
             body = ResponseCache.replay_json(hit, record.request_id)
             record.body_bytes = len(body)
@@ -318,7 +336,7 @@ class Gateway:
         spans = record.spans
 
         async def complete(deployment: Deployment) -> Completion:
-            return await deployment.backend.complete(request.data, spans)
+            return await deployment.backend.complete(request.data, spans, request.operation)
 
         async def upstream() -> tuple[Deployment, Completion]:
             return await self._call(candidates, record, complete)
@@ -326,7 +344,7 @@ class Gateway:
         if self.flight is None:
             deployment, completion = await upstream()
         else:
-            key = request_key(record.principal, request.data)
+            key = request_key(f"{record.principal}\0{request.operation}", request.data)
             (deployment, completion), shared = await self.flight.do(key, upstream)
             if shared:
                 # The wait was for the model's answer: upstream time, not Iros's.
@@ -336,10 +354,12 @@ class Gateway:
         note_result(record, completion.data)
         if not record.usage:
             # The body goes out as the server wrote it; the metrics get the usage Iros counts.
-            record.usage, record.usage_counted = (
-                counted_usage(request.data.get("messages"), completion.data),
-                True,
-            )
+            record.usage, record.usage_counted = counted_usage(request.data, completion.data), True
+        price = cost(deployment.settings.pricing, record.usage)
+        if record.coalesced:
+            record.cost_usd, record.saved_usd = 0.0, price or 0.0  # the call's owner paid for it
+        else:
+            record.cost_usd = price
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:
@@ -367,7 +387,7 @@ class Gateway:
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
         async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
-            chunks = deployment.backend.stream(request.data, spans)
+            chunks = deployment.backend.stream(request.data, spans, request.operation)
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
@@ -391,7 +411,7 @@ class Gateway:
                 keep,
                 stall_ns=self.stall_ns,
                 selector=self.router.selector,
-                messages=request.data.get("messages"),
+                payload=request.data,
                 include_usage=request.include_usage,
             )
         finally:

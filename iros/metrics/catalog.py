@@ -253,6 +253,16 @@ _DEFS = (
         "iros_event_loop_lag_seconds",
         1000.0,
     ),
+    MetricDef(
+        "budget_used_ratio",
+        "ratio",
+        "share of its budget a key has spent this period (auth.api_keys[].budget)",
+        "core",
+        "gauge",
+        "iros_budget_used_ratio",
+        1.0,
+        ("key",),
+    ),
     # Bottleneck analysis: each request's time per pipeline stage (spans.STAGES, plus `other` for
     # time between laps and `embedding`, `metering` measured beside the pipeline; see collector.py).
     MetricDef(

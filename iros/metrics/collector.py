@@ -138,6 +138,14 @@ class Collector:
         if stage in SIDE_STAGES:
             self._side.append((stage, time.time(), ms))
 
+    def gauge(self, name: str, labels: tuple[tuple[str, str], ...], value: float) -> None:
+        """A reading of a catalog gauge taken outside the sampler (a key's budget share): to /metrics,
+        the live window (so conditions read it) and the store."""
+        self._add(name, labels, time.time(), value)
+        found = self.exposition.gauges.get(name)
+        if found is not None:
+            self.exposition.child(found, tuple(v for _, v in labels)).set(value / METRICS[name].scale)  # type: ignore[attr-defined]
+
     def on_tick(self, listener: Callable[[], None]) -> None:
         """Call `listener` every live_interval_seconds (the live hub publishes then)."""
         self._listeners.append(listener)
@@ -302,6 +310,7 @@ class Collector:
         self._forget()
         for labels, count in Counter(zip(models, map(code_label, statuses), caches, strict=True)).items():
             expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
+        self._money(records, models)
         system = self.sampler.latest
         self.recent.extend(
             response_metrics(records[i], models[i], float(cpu_ms[i]), float(overhead[i]), system)
@@ -350,6 +359,22 @@ class Collector:
                     tokens = int(columns[name][which].sum())
                     if tokens:
                         expo.child(expo.tokens, (model, kind, usage)).inc(tokens)  # type: ignore[attr-defined]
+
+    def _money(self, records: list[RequestRecord], models: list[str]) -> None:
+        """iros_cost_usd_total and iros_cost_saved_usd_total by model and key (a configured key's name)."""
+        spent: dict[tuple[str, str], float] = {}
+        saved: dict[tuple[str, str], float] = {}
+        for record, model in zip(records, models, strict=True):
+            if record.cost_usd:
+                key = (model, record.principal)
+                spent[key] = spent.get(key, 0.0) + record.cost_usd
+            if record.saved_usd:
+                key = (model, record.principal)
+                saved[key] = saved.get(key, 0.0) + record.saved_usd
+        expo = self.exposition
+        for counter, sums in ((expo.cost, spent), (expo.cost_saved, saved)):
+            for labels, usd in sums.items():
+                expo.child(counter, labels).inc(usd)  # type: ignore[attr-defined]
 
     def _stages(
         self, records: list[RequestRecord], ts: Floats, total_ms: Floats, keep: npt.NDArray[np.bool_]

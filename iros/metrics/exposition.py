@@ -117,6 +117,17 @@ class Exposition:
             ("model", "type", "usage"),
             registry=self.registry,
         )
+        # Money, by model and API key name (configured keys only: bounded). saved: what answers served
+        # without a model call (cache hits, shared calls) would have cost.
+        self.cost = Counter(
+            "iros_cost_usd", "what answers cost, in US dollars", ("model", "key"), registry=self.registry
+        )
+        self.cost_saved = Counter(
+            "iros_cost_saved_usd",
+            "what answers from the cache (or a shared call) would have cost, in US dollars",
+            ("model", "key"),
+            registry=self.registry,
+        )
         self.feedback = Counter(
             "iros_feedback", "feedback scores received", ("model",), registry=self.registry
         )

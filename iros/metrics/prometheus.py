@@ -57,6 +57,7 @@ GAUGE_AGGREGATION: dict[str, Aggregation] = {
     "iros_gpu_utilization_percent": "avg",
     "iros_gpu_memory_percent": "avg",
     "iros_event_loop_lag_seconds": "max",
+    "iros_budget_used_ratio": "max",  # every worker reads the same shared ledger
 }
 
 # Across-series operator per statistic, for each aggregation. `count` is the number of scrapes in

@@ -48,7 +48,8 @@ def ask(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaServer]:
-    with LlamaServer() as server:
+    # Loaded for embeddings too, so the one server answers chat, completions and embeddings.
+    with LlamaServer(embedding=True) as server:
         yield server
 
 
@@ -182,6 +183,37 @@ class TestAnswers:
             assert call and call[0].function.name == "get_weather"
         if "logprobs" in params:
             assert via.choices[0].logprobs is not None and via.choices[0].logprobs.content
+
+
+class TestOtherEndpoints:
+    def test_text_completion_whole_and_streamed_with_counted_usage(
+        self, client: openai.OpenAI, direct: openai.OpenAI
+    ) -> None:
+        """The legacy completions API through Iros answers as the server does, whole and streamed; the
+        stream's usage, which llama.cpp does not send, is counted by Iros."""
+        params: dict[str, Any] = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8}
+        via = client.completions.create(temperature=0, **params)
+        straight = direct.completions.create(temperature=0, **params)
+        assert via.choices[0].text and via.choices[0].text == straight.choices[0].text
+        chunks = list(
+            client.completions.create(
+                temperature=0, stream=True, stream_options={"include_usage": True}, **params
+            )
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == via.choices[0].text
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+    def test_embeddings_come_through_and_repeat_from_the_cache(self, client: openai.OpenAI) -> None:
+        """llama.cpp's embeddings reach the client as it sent them; the same request again is an exact hit."""
+        texts = ["a lighthouse on the coast", "a road through the hills"]
+        first = client.embeddings.with_raw_response.create(model=MODEL, input=texts, encoding_format="float")
+        again = client.embeddings.with_raw_response.create(model=MODEL, input=texts, encoding_format="float")
+        answer = first.parse()
+        assert first.headers["x-iros-cache"] == "miss" and first.headers["x-iros-model"] == MODEL
+        assert [d.index for d in answer.data] == [0, 1] and all(d.embedding for d in answer.data)
+        assert again.headers["x-iros-cache"] == "hit"
+        assert [d.embedding for d in again.parse().data] == [d.embedding for d in answer.data]
 
 
 class TestRefusals:
