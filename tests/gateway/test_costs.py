@@ -58,7 +58,7 @@ async def call(
     app: IrosApp, path: str, body: dict[str, Any] | None = None, key: str = KEY, method: str = "POST"
 ) -> httpx.Response:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://iros") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         return await http.request(method, path, json=body, headers={"authorization": f"Bearer {key}"})
 
 

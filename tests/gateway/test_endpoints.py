@@ -49,7 +49,7 @@ async def app(tmp_path: Any) -> AsyncIterator[tuple[IrosApp, list[RequestRecord]
 
 async def _post(app: IrosApp, path: str, body: dict[str, Any], method: str = "POST") -> httpx.Response:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://iros") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         return await http.request(method, path, json=body)
 
 
