@@ -179,10 +179,9 @@ class TestSlowSockets:
         """After an answer, a connection that sends no next request is closed after keep_alive_seconds."""
         with raw(keyed) as sock:
             sock.sendall(head("GET", "/health"))
-            first = sock.recv(65536)
-            assert status_of(first) == 200
-            rest, seconds = read_until_closed(sock)
-        assert rest == b""
+            # The answer may come in more than one read: everything up to the close is that one answer.
+            answer, seconds = read_until_closed(sock)
+        assert status_of(answer) == 200 and answer.count(b"HTTP/1.1 ") == 1
         assert seconds < 4
 
     def test_a_header_trickled_a_byte_at_a_time_gets_408_and_is_closed(self, keyed: IrosProcess) -> None:

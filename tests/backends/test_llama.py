@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from iros.bench.pairs import DEFAULT_PAIRS, read_pairs
 from iros.testing.iros import IrosProcess, wait_until
 from iros.testing.llama import LlamaServer, llama_venv
 
@@ -324,11 +325,11 @@ def test_server_killed_mid_stream(tmp_path: Any) -> None:
         llama.stop()
 
 
+@pytest.mark.skipif(not DEFAULT_PAIRS.exists(), reason=f"{DEFAULT_PAIRS} is not here")
 @pytest.mark.timeout(300)  # two `iros serve` runs over the same stream, one answer at a time upstream
 def test_workload_bench_against_the_real_server(llama: LlamaServer) -> None:
     """`iros bench workload --upstream`: the same stream through Iros with the cache on and off, streamed
     from the real model, with time to first token and tokens per second from its answers."""
-    from iros.bench.pairs import DEFAULT_PAIRS, read_pairs
     from iros.bench.workload import run_workload
 
     result = run_workload(
