@@ -35,7 +35,7 @@ import orjson
 
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
-from iros.cache.base import CacheEntry, CacheStore, Embedder
+from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
 from iros.cache.plan import SHARED, Plan
 from iros.config import CacheSettings
 from iros.core.schema import ParsedRequest
@@ -196,7 +196,12 @@ class ResponseCache:
                     self._hit(entry, "hit")
                     return Hit(entry, "hit")
         if plan.prompt and self.semantic_ready:
-            hit = await self._semantic(plan, now)
+            try:
+                hit = await self._semantic(plan, now)
+            except EmbedderBusy:
+                # The embedder is behind: a miss now is faster than a lookup that waits for it.
+                self.counts["skipped"] += 1
+                hit = None
             if hit is not None:
                 self._hit(hit.entry, "semantic_hit")
                 return hit
@@ -274,9 +279,10 @@ class ResponseCache:
         if verifier is not None:
             keys = [k for k, _ in above]
             candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
+            # The texts as far as the embedder read them: the features of a huge prompt would hold the loop.
             decision = verifier.decide(
-                plan.prompt,
-                [self._prompts.get(k, "") for k in keys],
+                plan.prompt[:MAX_TEXT_CHARS],
+                [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys],
                 [s for _, s in above],
                 plan.tokens,
                 candidate_tokens,
@@ -307,7 +313,7 @@ class ResponseCache:
 
     def _missed(self, plan: Plan) -> None:
         self.counts["miss"] += 1
-        if plan.prompt:
+        if plan.prompt and len(plan.prompt) <= MAX_TEXT_CHARS:
             # Bounded: the most recent distinct misses, with how often each came back.
             key = (plan.model, plan.prompt)
             self.misses[key] += 1
@@ -344,8 +350,11 @@ class ResponseCache:
     async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
         embedding, tokens = plan.embedding, plan.tokens
         if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
-            vectors, projected = await self._embed([plan.prompt])
-            embedding, tokens = vectors[0], projected[0] if projected else None
+            try:
+                vectors, projected = await self._embed([plan.prompt])
+                embedding, tokens = vectors[0], projected[0] if projected else None
+            except EmbedderBusy:
+                pass  # kept for exact hits only: the embedder is behind
         found = completion.get("usage")
         usage: dict[str, Any] = found if isinstance(found, dict) else {}
         now = time.time()
@@ -407,6 +416,8 @@ class ResponseCache:
             "misses": self.counts["miss"],
             "hit_rate": round((lookups - self.counts["miss"]) / lookups, 4) if lookups else None,
             "verifier_rejections": self.verifier_rejections,
+            # Semantic lookups skipped (served as misses) because the embedder was behind.
+            "skipped": self.counts["skipped"],
             "saved": self.counts["saved"],
             "store_errors": self.counts["store_errors"],
             "indexed": len(self.index) if self.index is not None else 0,
