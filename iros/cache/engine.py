@@ -91,6 +91,7 @@ class ResponseCache:
             k: np.zeros(20, dtype=np.int64) for k in ("served", "verifier_rejected", "below_threshold")
         }
         self.verifier_rejections = 0
+        self.on_skip: Callable[[], None] | None = None  # told of each skipped lookup (/metrics counts them)
         self.counts: Counter[str] = Counter()
         self.top: Counter[str] = Counter()  # hits per entry key (bounded below)
         self.saved_tokens = 0
@@ -201,6 +202,8 @@ class ResponseCache:
             except EmbedderBusy:
                 # The embedder is behind: a miss now is faster than a lookup that waits for it.
                 self.counts["skipped"] += 1
+                if self.on_skip is not None:
+                    self.on_skip()
                 hit = None
             if hit is not None:
                 self._hit(hit.entry, "semantic_hit")

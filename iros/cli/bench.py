@@ -1,6 +1,7 @@
 """`iros bench ...`: the benchmarks, each printing its figures as JSON on stdout (progress on stderr).
 
 iros bench overhead --concurrency 1,16,64 --duration 10
+iros bench overhead --concurrency 1,64 --cache default
 iros bench tsdb --samples 2000000
 iros bench cache-quality --limit 2000 --json
 iros bench soak --duration 600 --rate 40
@@ -49,6 +50,13 @@ def bench_overhead(
         bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
     ] = False,
     workers: Annotated[int, typer.Option(help="Iros worker processes (iros serve --workers)")] = 1,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="off, or default: the cache as configured by default, every request a new question "
+            "(a miss), and an Iros with the cache off under the same load in the same run"
+        ),
+    ] = "off",
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -64,10 +72,17 @@ def bench_overhead(
         raise fail("--concurrency needs at least one number, each 1 or more")
     if duration <= 0:
         raise fail("--duration must be more than 0 seconds")
+    if cache not in ("off", "default"):
+        raise fail(f"--cache {cache!r}: off or default")
     try:
         check_tools()
         result = run_overhead(
-            levels, duration, warmup=warmup, metrics_baseline=metrics_baseline, iros_workers=workers
+            levels,
+            duration,
+            warmup=warmup,
+            metrics_baseline=metrics_baseline,
+            iros_workers=workers,
+            cache=cache == "default",
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
