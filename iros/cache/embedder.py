@@ -13,7 +13,10 @@ A call that would wait behind more than `skip_after_ms` of work raises EmbedderB
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +144,17 @@ class _Front:
             await self._batcher.aclose()
 
 
+# The model's thread (and the threads it starts, which inherit it) yields the CPU to the event loop: under
+# load the gateway keeps its pace and the embedder falls behind, so lookups are skipped, not served late.
+NICENESS = 10
+
+
+def _lower_priority() -> None:
+    if sys.platform == "linux":  # a thread's own nice value (elsewhere it would be the process's)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+
+
 class LocalEmbedder(_Front):
     """all-MiniLM-L6-v2 (or another sentence-transformers folder) in this process: through ONNX Runtime
     (runtime: onnx, the default; torch is never imported) or torch (runtime: torch; CUDA when present).
@@ -156,7 +170,7 @@ class LocalEmbedder(_Front):
         self.device = ""
         self.threads = threads or settings.threads
         self._model: LocalModel | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-embed")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-embed", initializer=_lower_priority)
 
     def _load(self) -> LocalModel:
         settings = self.settings

@@ -225,7 +225,8 @@ def bench_cache_latency(
     entries: Annotated[int, typer.Option(min=1, help="paraphrase pairs whose a is stored")] = 1000,
     duration: Annotated[float, typer.Option(help="seconds of lookups per concurrency level")] = 3.0,
 ) -> None:
-    """Exact and semantic hit latency in-process, and semantic lookups/s at concurrency 1, 8 and 32."""
+    """Exact and semantic hit and miss latency in-process, and semantic lookups/s (and how many were
+    skipped) at concurrency 1, 8, 32 and 64."""
     from iros.bench.cache import run_cache_latency
 
     if duration <= 0:

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from iros.cache.base import MAX_TEXT_CHARS
 from iros.cache.embedder import (
+    NICENESS,
     EmbedderError,
     Encoded,
     LocalEmbedder,
@@ -220,6 +223,15 @@ class TestLocalEmbedder:
         alone = await local.embed(short)
         mixed = await local.embed([short[0], "word " * 2000, short[1]])
         assert np.allclose(mixed[[0, 2]], alone, atol=1e-5)
+
+    @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+    async def test_the_model_thread_yields_the_cpu_to_the_event_loop(self, local: LocalEmbedder) -> None:
+        """The model runs in a thread of lower priority than the event loop's (nice +10)."""
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = await asyncio.get_running_loop().run_in_executor(
+            local._thread, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        )
+        assert theirs == min(19, mine + NICENESS)
 
     async def test_empty_input(self, local: LocalEmbedder) -> None:
         """No texts, no model call: an empty (0, dim) array."""
