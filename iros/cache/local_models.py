@@ -13,8 +13,12 @@ one long text neither pads the short ones nor makes a large batch.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,6 +94,7 @@ class OnnxModel:
         self.session = session
         self.tokenizer = tokenizer
         self.dim = dim
+        self._trim = _Trim()
 
     @classmethod
     def load(cls, model: str, threads: int | None = None) -> OnnxModel:
@@ -113,6 +118,9 @@ class OnnxModel:
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         # Idle pool threads would spin for work, taking CPU from the event loop.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Batches vary in shape from call to call: ONNX Runtime's arena kept growing with them (50 MB more
+        # resident after thirty batches of up to 64 questions), plain allocations are given back.
+        options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         session = onnxruntime.InferenceSession(
             str(ensure_onnx(source)), options, providers=["CPUExecutionProvider"]
@@ -125,8 +133,10 @@ class OnnxModel:
         ids_of = [e.ids for e in encodings]
         vectors = np.empty((len(texts), self.dim), np.float32)
         tokens: list[npt.NDArray[np.float32]] = [np.empty((0, self.dim), np.float32)] * len(texts)
+        padded = 0
         for piece in _pieces([len(ids) for ids in ids_of]):
             width = max(len(ids_of[i]) for i in piece)
+            padded += width * len(piece)
             ids = np.zeros((len(piece), width), np.int64)
             mask = np.zeros((len(piece), width), np.int64)
             for row, i in enumerate(piece):
@@ -138,8 +148,31 @@ class OnnxModel:
             pooled = (hidden * mask[:, :, None].astype(np.float32)).sum(axis=1) / np.maximum(counts, 1e-9)
             for row, i in enumerate(piece):
                 vectors[i] = pooled[row]
-                tokens[i] = hidden[row, : len(ids_of[i])]
+                tokens[i] = hidden[row, : len(ids_of[i])].copy()  # not a view that keeps the batch
+        self._trim.after(padded)
         return Encoded(_unit(vectors), tokens)
+
+
+class _Trim:
+    """Hands memory freed after a large batch back to the system (glibc's malloc_trim), at most once a
+    second: the model's thread keeps a malloc arena of its own, which otherwise holds on to the largest
+    batch's worth (about 35 MB after a few batches of 64 questions)."""
+
+    TOKENS = 512  # padded word pieces in a call that make it worth a trim
+    EVERY = 1.0  # seconds
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._trim: Any = None
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError, AttributeError):
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    def after(self, tokens: int) -> None:
+        now = time.monotonic()
+        if self._trim is not None and tokens >= self.TOKENS and now - self._last >= self.EVERY:
+            self._last = now
+            self._trim(0)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

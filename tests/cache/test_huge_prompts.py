@@ -115,6 +115,11 @@ def test_a_huge_prompt_does_not_stall_another_tenant(gateway: IrosProcess) -> No
     assert "hit" in kinds and "miss" in kinds
     # Before, the other tenant waited 5-17 s; the generous bound allows for a loaded test machine.
     assert slowest < 2.0, f"the other tenant waited {slowest:.2f} s"
+    # Lookups the embedder was too far behind for are counted, in the stats and in /metrics.
+    stats = httpx.get(f"{gateway.url}/api/optimization/cache", headers=ADMIN).json()
+    assert stats["skipped"] >= 0 and stats["misses"] >= stats["skipped"]
+    metrics = httpx.get(f"{gateway.url}/metrics", headers=ADMIN).text
+    assert f"iros_cache_skipped_lookups_total {float(stats['skipped'])}" in metrics
 
 
 def test_memory_stays_flat_over_repeated_huge_prompts(gateway: IrosProcess) -> None:
