@@ -257,7 +257,12 @@ class ResponseCache:
 
     async def _semantic(self, plan: Plan, now: float) -> Hit | None:
         assert self.embedder is not None and self.index is not None and plan.prompt is not None
-        vectors, tokens = await self._embed([plan.prompt])
+        try:
+            # A model starved of CPU must not hold the request: past the limit it is a miss.
+            async with asyncio.timeout(self.settings.embedder.lookup_timeout_ms / 1000):
+                vectors, tokens = await self._embed([plan.prompt])
+        except TimeoutError:
+            raise EmbedderBusy("the embedding took longer than lookup_timeout_ms") from None
         vector = vectors[0]
         plan.embedding = vector
         plan.tokens = tokens[0] if tokens else None

@@ -233,6 +233,9 @@ class EmbedderSettings(Strict):
         description="a lookup that would wait longer than this behind other embeddings is skipped "
         "(served as a miss), never queued; null: always wait",
     )
+    lookup_timeout_ms: float = Field(
+        100.0, gt=0, description="a lookup whose embedding takes longer than this is skipped (a miss)"
+    )
     timeout_seconds: float = Field(10.0, gt=0)
 
 

@@ -88,3 +88,16 @@ async def test_an_idle_embedder_serves_semantic_hits(cache: ResponseCache) -> No
     hit = await cache.lookup(plan(cache, "What are some health benefits of drinking green tea?"))
     assert hit is not None and hit.kind == "semantic_hit"
     assert (await cache.stats())["skipped"] == before
+
+
+async def test_an_embedding_past_the_lookup_timeout_is_a_skipped_miss(cache: ResponseCache) -> None:
+    """A lookup whose embedding takes longer than lookup_timeout_ms (a model starved of CPU) stops
+    waiting: a miss, counted as skipped."""
+    settings = cache.settings.embedder
+    before, limit = (await cache.stats())["skipped"], settings.lookup_timeout_ms
+    settings.lookup_timeout_ms = 0.001
+    try:
+        assert await cache.lookup(plan(cache, "Which river runs through Vienna?")) is None
+    finally:
+        settings.lookup_timeout_ms = limit
+    assert (await cache.stats())["skipped"] == before + 1
