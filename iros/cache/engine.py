@@ -202,6 +202,7 @@ class ResponseCache:
             except EmbedderBusy:
                 # The embedder is behind: a miss now is faster than a lookup that waits for it.
                 self.counts["skipped"] += 1
+                plan.skipped = True
                 if self.on_skip is not None:
                     self.on_skip()
                 hit = None
@@ -357,7 +358,10 @@ class ResponseCache:
 
     async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
         embedding, tokens = plan.embedding, plan.tokens
-        if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
+        # Not embedded again for the store when its lookup was skipped: under load, that is model time
+        # the lookups need.
+        wanted = embedding is None and not plan.skipped and self.semantic_ready and self.embedder is not None
+        if wanted and plan.prompt:
             try:
                 vectors, projected = await self._embed([plan.prompt])
                 embedding, tokens = vectors[0], projected[0] if projected else None

@@ -49,6 +49,7 @@ class Plan:
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
     tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
+    skipped: bool = False  # the semantic lookup was skipped (embedder behind): the answer is kept exact-only
 
     @property
     def key(self) -> str:
