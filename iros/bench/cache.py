@@ -394,6 +394,9 @@ async def _saturate(cache: ResponseCache, texts: list[str], level: int, duration
             await cache.lookup(plans[i % len(plans)])
             i += level
             done += 1
+            # A skipped lookup never waits: yield as a request does on its I/O, or the callers would
+            # starve the loop and the model's finished batch would never be taken in.
+            await asyncio.sleep(0)
 
     await asyncio.gather(*(caller(c) for c in range(level)))
     return done, time.perf_counter() - started
