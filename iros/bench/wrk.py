@@ -50,7 +50,14 @@ end
 # Every request a question of its own (a cache miss): five words drawn from these, over 250 million
 # sentences, alike enough in form that the semantic cache finds neighbours to weigh.
 _DISTINCT_LUA = """\
-local words = {{{words}}}
+local words = {{
+  "harbour", "price", "winter", "engine", "river", "garden", "budget", "contract", "network", "library",
+  "kitchen", "battery", "forest", "camera", "bridge", "patient", "market", "school", "storm", "planet",
+  "printer", "ticket", "vaccine", "tunnel", "museum", "salary", "island", "crystal", "factory",
+  "orchestra", "protein", "satellite", "village", "wallet", "glacier", "language", "violin", "tractor",
+  "election", "pepper", "volcano", "keyboard", "passport", "bakery", "comet", "theatre", "dolphin",
+  "mortgage",
+}}
 local head, tail = [[{head}]], [[{tail}]]
 math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 request = function()
@@ -61,56 +68,6 @@ request = function()
   return wrk.format(nil, nil, nil, head .. prompt .. tail)
 end
 """
-_WORDS = [
-    "harbour",
-    "price",
-    "winter",
-    "engine",
-    "river",
-    "garden",
-    "budget",
-    "contract",
-    "network",
-    "library",
-    "kitchen",
-    "battery",
-    "forest",
-    "camera",
-    "bridge",
-    "patient",
-    "market",
-    "school",
-    "storm",
-    "planet",
-    "printer",
-    "ticket",
-    "vaccine",
-    "tunnel",
-    "museum",
-    "salary",
-    "island",
-    "crystal",
-    "factory",
-    "orchestra",
-    "protein",
-    "satellite",
-    "village",
-    "wallet",
-    "glacier",
-    "language",
-    "violin",
-    "tractor",
-    "election",
-    "pepper",
-    "volcano",
-    "keyboard",
-    "passport",
-    "bakery",
-    "comet",
-    "theatre",
-    "dolphin",
-    "mortgage",
-]
 
 
 def wrk_script(distinct: bool = False) -> str:
@@ -126,8 +83,7 @@ def wrk_script(distinct: bool = False) -> str:
         .decode()
         .partition("\\u0000")
     )
-    words = ", ".join(f'"{w}"' for w in _WORDS)
-    return script + _DISTINCT_LUA.format(words=words, head=head, tail=tail)
+    return script + _DISTINCT_LUA.format(head=head, tail=tail)
 
 
 @dataclass

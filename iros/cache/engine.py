@@ -51,6 +51,7 @@ CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtere
 # recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
 MAX_TOKEN_BYTES = 128 * 2**20
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
+LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
 
 @dataclass(slots=True)
@@ -260,7 +261,7 @@ class ResponseCache:
         assert self.embedder is not None and self.index is not None and plan.prompt is not None
         try:
             # A model starved of CPU must not hold the request: past the limit it is a miss.
-            async with asyncio.timeout(self.settings.embedder.lookup_timeout_ms / 1000):
+            async with asyncio.timeout(_lookup_timeout(self.settings)):
                 vectors, tokens = await self._embed([plan.prompt])
         except TimeoutError:
             raise EmbedderBusy("the embedding took longer than lookup_timeout_ms") from None
@@ -435,6 +436,14 @@ class ResponseCache:
             "indexed": len(self.index) if self.index is not None else 0,
             "store": store,
         }
+
+
+def _lookup_timeout(settings: CacheSettings) -> float:
+    """Seconds a lookup waits for its embedding: a local model answers in milliseconds or is starved."""
+    embedder = settings.embedder
+    if embedder.lookup_timeout_ms is not None:
+        return embedder.lookup_timeout_ms / 1000
+    return LOCAL_LOOKUP_TIMEOUT if embedder.backend == "local" else embedder.timeout_seconds
 
 
 def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:

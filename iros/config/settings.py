@@ -233,8 +233,11 @@ class EmbedderSettings(Strict):
         description="a lookup that would wait longer than this behind other embeddings is skipped "
         "(served as a miss), never queued; null: always wait",
     )
-    lookup_timeout_ms: float = Field(
-        100.0, gt=0, description="a lookup whose embedding takes longer than this is skipped (a miss)"
+    lookup_timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="a lookup whose embedding takes longer than this is skipped (a miss); "
+        "default: 100 for the local model, timeout_seconds for a server",
     )
     timeout_seconds: float = Field(10.0, gt=0)
 
