@@ -81,7 +81,7 @@ def ensure_onnx(source: Path) -> Path:
     found = onnx_path(source)
     if found is not None:
         return found
-    cmd = [sys.executable, "-m", "iros.cache.onnx_export", str(source)]
+    cmd = [sys.executable, "-W", "ignore", "-m", "iros.cache.onnx_export", str(source)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

