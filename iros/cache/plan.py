@@ -45,11 +45,11 @@ class Plan:
     prompt: str | None  # the last user turn, for semantic matching; None when there is none
     read: bool = True
     write: bool = True
+    skipped: bool = False  # the semantic lookup was skipped (embedder behind): the answer is kept exact-only
     max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
     tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
-    skipped: bool = False  # the semantic lookup was skipped (embedder behind): the answer is kept exact-only
 
     @property
     def key(self) -> str:
