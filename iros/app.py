@@ -252,6 +252,8 @@ def create_app(settings: Settings) -> IrosApp:
         # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
         note_stage = monitor.collector.note_stage if monitor is not None else None
         cache = build_cache(settings.cache, data_dir, note_stage)
+        if monitor is not None:
+            cache.on_skip = monitor.exposition.cache_skipped.inc
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
     router = Router(

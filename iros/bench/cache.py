@@ -37,6 +37,7 @@ TARGET_PRECISION = 0.90
 TARGET_RECALL = 0.30
 TARGET_EXACT_P50_MS = 1.0
 TARGET_SEMANTIC_P50_MS = 20.0
+TARGET_MISS_P50_MS = 2.0  # what a miss adds (issue 17): its lookup, which a cache-off request skips
 
 
 def _ms(values: list[float]) -> dict[str, Any]:
@@ -284,12 +285,13 @@ async def cache_latency(
     *,
     entries: int = 1000,
     exact_lookups: int = 2000,
-    levels: tuple[int, ...] = (1, 8, 32),
+    levels: tuple[int, ...] = (1, 8, 32, 64),
     duration: float = 3.0,
     progress: ProgressFn | None = None,
     embedder: Embedder | None = None,
 ) -> dict[str, Any]:
-    """Exact and semantic hit latency one at a time, then semantic lookups/s at each concurrency."""
+    """Exact and semantic hit latency one at a time, then semantic lookups/s at each concurrency (with
+    how many were skipped because the embedder was behind)."""
     report = progress or quiet
     # Paraphrase pairs: the `a` is stored, the `b` asked; b == a would be an exact hit.
     chosen = [p for p in pairs if p.label == 1 and p.a != p.b][:entries]
@@ -328,14 +330,19 @@ async def cache_latency(
         for level in levels:
             report(f"concurrency {level}", 0, 1)
             batches = int(getattr(model, "batches", 0))
+            skipped = cache.counts["skipped"]
             done, elapsed = await _saturate(cache, queries, level, duration)
             calls = int(getattr(model, "batches", 0)) - batches
+            skipped = cache.counts["skipped"] - skipped
             throughput.append(
                 {
                     "concurrency": level,
                     "lookups": done,
                     "lookups_per_s": round(done / elapsed, 1),
-                    "mean_batch": round(done / calls, 2) if calls else None,
+                    # Served as misses at once: the embedder was behind.
+                    "skipped": skipped,
+                    "embedded_per_s": round((done - skipped) / elapsed, 1),
+                    "mean_batch": round((done - skipped) / calls, 2) if calls else None,
                 }
             )
             report(f"concurrency {level}", 1, 1)
@@ -343,15 +350,16 @@ async def cache_latency(
         for row in throughput:
             row["speedup"] = round(row["lookups_per_s"] / base, 2) if base else None
 
-        exact_ms, semantic_ms = _ms(exact), _ms(semantic_hit)
+        exact_ms, semantic_ms, miss_ms = _ms(exact), _ms(semantic_hit), _ms(semantic_miss)
         return {
             "entries": len(stored),
             "exact_hit_ms": exact_ms,
             "semantic_hit_ms": semantic_ms,
-            "semantic_miss_ms": _ms(semantic_miss),
+            "semantic_miss_ms": miss_ms,
             "throughput": throughput,
             "embedder": {
                 "name": getattr(model, "name", None),
+                "runtime": getattr(model, "runtime", None),
                 "device": getattr(model, "device", None),
                 # The local model's own setting, else what it defaults to: half the cores.
                 "threads": getattr(model, "threads", None) or default_threads(),
@@ -359,11 +367,13 @@ async def cache_latency(
             "targets": {
                 "exact_hit_p50_ms": TARGET_EXACT_P50_MS,
                 "semantic_hit_p50_ms": TARGET_SEMANTIC_P50_MS,
+                "semantic_miss_p50_ms": TARGET_MISS_P50_MS,
             },
             "met": {
                 "exact_hit_p50_ms": exact_ms["p50"] is not None and exact_ms["p50"] < TARGET_EXACT_P50_MS,
                 "semantic_hit_p50_ms": semantic_ms["p50"] is not None
                 and semantic_ms["p50"] < TARGET_SEMANTIC_P50_MS,
+                "semantic_miss_p50_ms": miss_ms["p50"] is not None and miss_ms["p50"] <= TARGET_MISS_P50_MS,
             },
         }
     finally:
@@ -384,6 +394,9 @@ async def _saturate(cache: ResponseCache, texts: list[str], level: int, duration
             await cache.lookup(plans[i % len(plans)])
             i += level
             done += 1
+            # A skipped lookup never waits: yield as a request does on its I/O, or the callers would
+            # starve the loop and the model's finished batch would never be taken in.
+            await asyncio.sleep(0)
 
     await asyncio.gather(*(caller(c) for c in range(level)))
     return done, time.perf_counter() - started

@@ -46,6 +46,7 @@ class Plan:
     prompt: str | None  # the last user turn, for semantic matching; None when there is none
     read: bool = True
     write: bool = True
+    skipped: bool = False  # the semantic lookup was skipped (embedder behind): the answer is kept exact-only
     max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)

@@ -1,6 +1,7 @@
 """`iros bench ...`: the benchmarks, each printing its figures as JSON on stdout (progress on stderr).
 
 iros bench overhead --concurrency 1,16,64 --duration 10
+iros bench overhead --concurrency 1,64 --cache default
 iros bench tsdb --samples 2000000
 iros bench cache-quality --limit 2000 --json
 iros bench soak --duration 600 --rate 40
@@ -53,6 +54,13 @@ def bench_overhead(
         bool,
         typer.Option(help="also run an Iros exporting OpenTelemetry (OTLP/HTTP), to show what export costs"),
     ] = False,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="off, or default: the cache as configured by default, every request a new question "
+            "(a miss), and an Iros with the cache off under the same load in the same run"
+        ),
+    ] = "off",
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -68,6 +76,8 @@ def bench_overhead(
         raise fail("--concurrency needs at least one number, each 1 or more")
     if duration <= 0:
         raise fail("--duration must be more than 0 seconds")
+    if cache not in ("off", "default"):
+        raise fail(f"--cache {cache!r}: off or default")
     try:
         check_tools()
         result = run_overhead(
@@ -77,6 +87,7 @@ def bench_overhead(
             metrics_baseline=metrics_baseline,
             iros_workers=workers,
             otel=otel,
+            cache=cache == "default",
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
@@ -231,7 +242,8 @@ def bench_cache_latency(
     entries: Annotated[int, typer.Option(min=1, help="paraphrase pairs whose a is stored")] = 1000,
     duration: Annotated[float, typer.Option(help="seconds of lookups per concurrency level")] = 3.0,
 ) -> None:
-    """Exact and semantic hit latency in-process, and semantic lookups/s at concurrency 1, 8 and 32."""
+    """Exact and semantic hit and miss latency in-process, and semantic lookups/s (and how many were
+    skipped) at concurrency 1, 8, 32 and 64."""
     from iros.bench.cache import run_cache_latency
 
     if duration <= 0:

@@ -275,10 +275,28 @@ class EmbedderSettings(Strict):
     model: str = Field("all-MiniLM-L6-v2", description="local: the packaged MiniLM; openai: the model name")
     base_url: str | None = Field(None, description="openai backend: the server's /v1 URL")
     api_key_env: str | None = None
+    runtime: Literal["onnx", "torch"] = Field(
+        "onnx", description="local: ONNX Runtime on the CPU (no torch), or torch (CUDA when present)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, le=64, description="local: model threads (default: half the cores)"
+    )
     max_batch: int = Field(64, ge=1, le=1024, description="texts embedded together")
     max_wait_ms: float = Field(
         2.0, ge=0, le=100, description="how long a lookup waits for others to batch with"
+    )
+    skip_after_ms: float | None = Field(
+        10.0,
+        ge=0,
+        description="a lookup that would wait longer than this behind other embeddings is skipped "
+        "(served as a miss), never queued; null: always wait",
+    )
+    lookup_timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="a lookup whose embedding takes longer than this is skipped (a miss); "
+        "default: 100 for the local model, timeout_seconds for a server",
     )
     timeout_seconds: float = Field(10.0, gt=0)
 

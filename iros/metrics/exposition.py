@@ -110,6 +110,11 @@ class Exposition:
         self.cache_misses = Counter(
             "iros_cache_misses", "cache lookups that went to the model", ("model",), registry=self.registry
         )
+        self.cache_skipped = Counter(
+            "iros_cache_skipped_lookups",
+            "semantic lookups skipped because the embedder was behind (served as misses)",
+            registry=self.registry,
+        )
         # usage: "reported" by the model server, or "counted" by Iros where it reported none (llama.cpp).
         self.tokens = Counter(
             "iros_tokens",
