@@ -57,6 +57,7 @@ class Gateway:
         keyring: KeyRing,
         admission: Admission,
         cache: ResponseCache | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -64,7 +65,7 @@ class Gateway:
         self.keyring = keyring
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
-        self.ratelimit = RateLimiter(settings.auth.burst)
+        self.ratelimit = limiter or RateLimiter(settings.auth.burst)
         self.observers: list[Observer] = []
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
@@ -101,7 +102,7 @@ class Gateway:
                     cache_control = value
             principal = self.keyring.authenticate(authorization)
             record.principal = principal.name
-            self.ratelimit.check(principal)
+            await self.ratelimit.check(principal)
             spans.lap("auth")
             request = parse_request(await self._read_body(receive, content_length))
             record.model, record.stream = request.model, request.stream
