@@ -36,6 +36,7 @@ from iros.api.live import MetricsLiveAPI
 from iros.api.metrics import MetricsAPI
 from iros.api.monitoring import MonitoringAPI
 from iros.api.optimization import CacheTuningAPI, OptimizationAPI
+from iros.api.state import StateAPI
 from iros.api.system import SystemAPI
 from iros.backends.simulation import PROFILES
 from iros.cache.engine import ResponseCache, build_cache
@@ -47,12 +48,15 @@ from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
+from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.sessions import Sessions
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
 from iros.optimization.tuning import Tuning
 from iros.routing.router import Router
+from iros.state.lease import Leadership
+from iros.state.sync import SharedState, build_state
 
 log = logging.getLogger("iros")
 CHAT_PATH = "/v1/chat/completions"
@@ -100,6 +104,8 @@ class IrosApp:
         optimizer: Optimizer,
         analysis: AnalysisAPI | None,
         alerts: AlertEngine | None,
+        shared: SharedState | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -109,6 +115,8 @@ class IrosApp:
         self.optimizer = optimizer
         self.analysis = analysis
         self.alerts = alerts
+        self.shared = shared
+        self.leadership = leadership
         self.routes = Starlette(
             routes=routes,
             middleware=[Middleware(SessionCookieMiddleware)],
@@ -185,8 +193,17 @@ class IrosApp:
             await self.analysis.start()
         if self.alerts is not None:
             await self.alerts.start()
+        # Last: the first sync applies the cluster's documents to the parts started above.
+        if self.shared is not None:
+            await self.shared.start()
+        if self.leadership is not None:
+            await self.leadership.start()
 
     async def _stop_parts(self) -> None:
+        if self.leadership is not None:
+            await self.leadership.close()  # released: another worker takes over at once
+        if self.shared is not None:
+            await self.shared.close()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
@@ -229,7 +246,15 @@ def create_app(settings: Settings) -> IrosApp:
     data_dir = Path(server.data_dir)
     keyring = KeyRing(settings.auth, Sessions.for_data_dir(data_dir))
     admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
-    monitor = Monitor(settings, admission) if settings.metrics_collection.enabled else None
+    # Every worker of every replica in step (iros/state/): live settings, rules, alert state, rate
+    # limits, the live numbers; one evaluator of alert and optimizer rules, elected by a lease.
+    backend = build_state(settings)
+    shared = SharedState(backend)
+    intervals = [settings.optimization.auto_optimization.evaluation_interval_seconds]
+    if settings.alerting.enabled and settings.metrics_collection.enabled:
+        intervals.append(settings.alerting.evaluation_interval_seconds)
+    leadership = Leadership(backend, "evaluator", ttl=min(intervals))
+    monitor = Monitor(settings, admission, shared=shared) if settings.metrics_collection.enabled else None
     cache = None
     if settings.cache.enabled:
         # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
@@ -237,16 +262,30 @@ def create_app(settings: Settings) -> IrosApp:
         cache = build_cache(settings.cache, data_dir, note_stage)
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
+    shared.register("tuning", tuning.shared_view, tuning.apply_shared)
+
+    async def share_tuning(source: str, changed: dict[str, dict[str, object]]) -> None:
+        await shared.publish("tuning")
+
+    tuning.listeners.append(share_tuning)
     router = Router(
         settings.models,
         optimization=settings.optimization,
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    gateway = Gateway(settings, router, keyring, admission, cache)
+    limiter = RateLimiter(
+        settings.auth.burst,
+        shared=backend,
+        workers=monitor.cluster.workers if monitor is not None else lambda: 1,  # for limit / N
+        on_fallback=monitor.exposition.state_fallbacks.inc if monitor is not None else None,
+    )
+    gateway = Gateway(settings, router, keyring, admission, cache, limiter)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
-    optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
+    optimizer = Optimizer(
+        settings, tuning, router, gateway=gateway, monitor=monitor, leadership=leadership, shared=shared
+    )
 
     system = SystemAPI(settings, router, admission, keyring, monitor, CHAT_PATH)
     routes = system.routes()
@@ -259,7 +298,7 @@ def create_app(settings: Settings) -> IrosApp:
         if settings.alerting.enabled:
             # Rules over the live KPIs, notifications through channels; every live message (/ws/metrics,
             # SSE) carries the active alerts, and transitions go out as they happen.
-            alerts = AlertEngine.build(settings, monitor)
+            alerts = AlertEngine.build(settings, monitor, leadership=leadership, shared=shared)
             monitor.hub.add_section("alerts", alerts.summary)
             routes += AlertAPI(alerts, keyring).routes()
         # Profiler, bottlenecks, reports (and their scheduler), capacity planning, troubleshooting.
@@ -269,6 +308,8 @@ def create_app(settings: Settings) -> IrosApp:
         routes += CacheTuningAPI(gateway, cache, tuning, keyring).routes()
     routes += OptimizationAPI(optimizer, keyring).routes()
     routes += OptimizationComparisonAPI(optimizer, keyring).routes()
+    workers = monitor.cluster.workers if monitor is not None else lambda: 1
+    routes += StateAPI(shared, leadership, tuning, workers, keyring).routes()
     # The dashboard: its page, login form and assets; its session cookie works on every route.
     routes += DashboardPages(keyring).routes()
     return IrosApp(
@@ -280,6 +321,8 @@ def create_app(settings: Settings) -> IrosApp:
         optimizer=optimizer,
         analysis=analysis,
         alerts=alerts,
+        shared=shared,
+        leadership=leadership,
     )
 
 

@@ -62,11 +62,15 @@ def run_overhead(
     progress: bool = True,
     keep_dir: Path | None = None,
     metrics_baseline: bool = False,
+    ratelimit_redis: bool = False,
 ) -> dict[str, Any]:
     """Measure wrk against nginx directly and through Iros at each concurrency; returns the report.
 
     With metrics_baseline, a second Iros with metrics collection off runs the same load, and each row
     gains `metrics_cost`: what collection costs in throughput and latency, measured side by side.
+    With ratelimit_redis, two more Irosen answer the same key, one without a rate limit and one whose
+    limit (too high to refuse) is checked in Redis (state.backend redis, a redis-server started here),
+    and each row gains `ratelimit_cost`: what the cluster-wide check adds to a request.
     """
     if not concurrency or any(c < 1 for c in concurrency):
         raise BenchError("give one or more concurrencies of at least 1, e.g. --concurrency 1,16,64")
@@ -80,6 +84,7 @@ def run_overhead(
     nginx_proc: ChildProcess | None = None
     iros_proc: ChildProcess | None = None
     bare_proc: ChildProcess | None = None
+    extra: list[ChildProcess] = []
     bar = wrk_progress(progress)
     with (
         sigterm_as_interrupt(),
@@ -89,7 +94,8 @@ def run_overhead(
         try:
             phase = Phase(bar, None, None)
             if bar is not None:
-                total = len(concurrency) * (3 if metrics_baseline else 2) * (duration + warmup)
+                runs = 2 + int(metrics_baseline) + 2 * int(ratelimit_redis)
+                total = len(concurrency) * runs * (duration + warmup)
                 phase.overall = bar.add_task("all runs", total=total, clock="")
                 phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
             nginx_proc = start_nginx(workdir, nginx, max(concurrency))
@@ -110,9 +116,18 @@ def run_overhead(
                     f"{bare_proc.url}/v1/chat/completions",
                     "through Iros without metrics",
                 )
+            scripts = {key: script for key in targets}
+            if ratelimit_redis:
+                for key, proc, where in _ratelimit_servers(workdir, nginx_proc.port, iros_workers, extra):
+                    procs.append((proc, where, f"{key.removeprefix('iros_')}.log"))
+                    servers[key] = proc
+                    targets[key] = (f"{proc.url}/v1/chat/completions", where)
+                    scripts[key] = workdir / "bench-keyed.lua"
+                scripts["iros_keyed"].write_text(wrk_script(f"Bearer {BENCH_KEY}"))
             for c in concurrency:
                 row: dict[str, Any] = {"concurrency": c}
                 for key, (url, where) in targets.items():
+                    script = scripts[key]
                     if warmup > 0:
                         out = workdir / f"wrk-c{c}-{key}-warmup.txt"
                         run_wrk(wrk, script, url, c, warmup, out, phase, f"c={c} {where} (warm-up)")
@@ -144,9 +159,19 @@ def run_overhead(
                         "added_p50_ms": round(through["p50_ms"] - bare["p50_ms"], 3),
                         "added_p99_ms": round(through["p99_ms"] - bare["p99_ms"], 3),
                     }
+                if ratelimit_redis:
+                    off, on = row["iros_keyed"], row["iros_ratelimit_redis"]
+                    row["ratelimit_cost"] = {
+                        "throughput_ratio": round(on["rps"] / off["rps"], 3) if off["rps"] else None,
+                        "added_p50_ms": round(on["p50_ms"] - off["p50_ms"], 3),
+                        "added_p99_ms": round(on["p99_ms"] - off["p99_ms"], 3),
+                        "added_cpu_us_per_request": round(
+                            on.get("cpu_us_per_request", 0.0) - off.get("cpu_us_per_request", 0.0), 1
+                        ),
+                    }
                 results.append(row)
         finally:
-            for child in (bare_proc, iros_proc, nginx_proc):
+            for child in (*extra, bare_proc, iros_proc, nginx_proc):
                 if child is not None:
                     child.stop()
 
@@ -164,6 +189,34 @@ def run_overhead(
         "targets": dict(TARGETS),
         "met": _met(results),
     }
+
+
+BENCH_KEY = "sk-bench-ratelimit"
+
+
+def _ratelimit_servers(
+    workdir: Path, upstream_port: int, workers: int, started: list[ChildProcess]
+) -> list[tuple[str, ChildProcess, str]]:
+    """A redis-server, an Iros whose key has no limit and one whose key's limit lives in that Redis."""
+    from iros.testing.redis import RedisServer
+
+    redis = RedisServer().start()
+    started.append(redis)
+    key = f"{{key: {BENCH_KEY}, name: bench"
+    off = f"auth: {{api_keys: [{key}}}]}}\n"
+    # A limit no run reaches: every request is checked in Redis and none is refused.
+    on = (
+        f"auth: {{api_keys: [{key}, requests_per_minute: 1.0e12}}], burst: 1000000000}}\n"
+        f"state: {{backend: redis, url: '{redis.url}'}}\n"
+    )
+    keyed = start_iros(workdir, upstream_port, workers, name="keyed", extra=off)
+    started.append(keyed)
+    limited = start_iros(workdir, upstream_port, workers, name="ratelimit_redis", extra=on)
+    started.append(limited)
+    return [
+        ("iros_keyed", keyed, "through Iros, a key without limit"),
+        ("iros_ratelimit_redis", limited, "through Iros, a key limited in Redis"),
+    ]
 
 
 def _met(results: list[dict[str, Any]]) -> dict[str, bool | None]:

@@ -166,10 +166,13 @@ def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 
     return start_child(child, 10.0)
 
 
-def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = True) -> str:
+def iros_config(
+    port: int, upstream_port: int, data_dir: Path, metrics: bool = True, extra: str = "auth: {open: true}\n"
+) -> str:
+    """`extra`: YAML lines for auth and anything else the run varies (the open default without)."""
     return (
         f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}}}\n"
-        "auth: {open: true}\n"
+        f"{extra}"
         f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
         # The same request again and again: with the cache on this would measure cache hits, and with
         # single-flight, concurrent copies would share one upstream call.
@@ -181,11 +184,16 @@ def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = T
 
 
 def start_iros(
-    workdir: Path, upstream_port: int, workers: int = 1, metrics: bool = True, name: str = "iros"
+    workdir: Path,
+    upstream_port: int,
+    workers: int = 1,
+    metrics: bool = True,
+    name: str = "iros",
+    extra: str = "auth: {open: true}\n",
 ) -> ChildProcess:
     port = free_port()
     conf = workdir / f"{name}.yaml"
-    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics))
+    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics, extra))
     cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
     if workers != 1:
         cmd += ["--workers", str(workers)]

@@ -46,10 +46,13 @@ end
 """
 
 
-def wrk_script() -> str:
+def wrk_script(authorization: str | None = None) -> str:
     body = orjson.dumps(REQUEST).decode()
     # A Lua long string needs no escaping for JSON.
-    return _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+    script = _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+    if authorization is not None:
+        script = f'wrk.headers["Authorization"] = [[{authorization}]]\n' + script
+    return script
 
 
 @dataclass

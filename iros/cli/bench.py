@@ -49,6 +49,10 @@ def bench_overhead(
         bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
     ] = False,
     workers: Annotated[int, typer.Option(help="Iros worker processes (iros serve --workers)")] = 1,
+    ratelimit_redis: Annotated[
+        bool,
+        typer.Option(help="also run a keyed Iros with and without its rate limit checked in Redis (state)"),
+    ] = False,
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -67,7 +71,12 @@ def bench_overhead(
     try:
         check_tools()
         result = run_overhead(
-            levels, duration, warmup=warmup, metrics_baseline=metrics_baseline, iros_workers=workers
+            levels,
+            duration,
+            warmup=warmup,
+            metrics_baseline=metrics_baseline,
+            iros_workers=workers,
+            ratelimit_redis=ratelimit_redis,
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
@@ -300,3 +309,21 @@ def bench_soak(
     except BenchError as exc:
         raise fail(str(exc)) from None
     print_json(result, output)
+
+
+@bench_app.command("state")
+def bench_state(
+    changes: Annotated[int, typer.Option(min=1, max=10_000, help="settings changed, one after another")] = 40,
+    replicas: Annotated[int, typer.Option(min=1, max=8, help="Iros replicas sharing one Redis")] = 2,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="workers per replica")] = 2,
+) -> None:
+    """How long a live setting takes from the worker that changed it to every other (P50/P99)."""
+    with _needs_extras("state"):
+        from iros.bench.processes import BenchError
+        from iros.bench.state import run_state
+
+    try:
+        result = run_state(changes=changes, replicas=replicas, workers=workers)
+    except BenchError as exc:
+        raise fail(str(exc)) from None
+    print_json(result)

@@ -9,6 +9,10 @@ await optimizer.compare()                # each action's KPIs before and after (
 A rule is the seed's {name, trigger: "cpu_usage > 7.0 for 5m", actions: [...]}; the trigger is read by
 iros.conditions (the language alert rules use too). In dry-run mode rules are evaluated and audited as
 "would_apply"/"would_revert", and nothing changes.
+
+With several workers only the holder of the shared lease (`leadership`) evaluates; the rules, the mode and
+each rule's state go to every worker as the shared document "optimizer", so a worker that takes over
+reverts what its predecessor applied, and every worker answers GET /api/optimization/rules alike.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from iros.metrics.store import Samples
 from iros.optimization.actionlog import FILENAME, ActionLog
 from iros.optimization.tuning import Tuning, floor_threshold
 from iros.routing.router import Router
+from iros.state.lease import Leadership
+from iros.state.sync import SharedState
 
 log = logging.getLogger("iros.optimizer")
 
@@ -135,6 +141,19 @@ class RuleState:
         }
 
 
+_SHARED_FIELDS = ("fired_at", "dry", "clear_since", "changes", "audit_id", "kpis_before")
+
+
+def _state_of(state: RuleState) -> dict[str, Any]:
+    return {f: getattr(state, f) for f in _SHARED_FIELDS}
+
+
+def _restore(state: RuleState, shared: dict[str, Any]) -> None:
+    for f in _SHARED_FIELDS:
+        if f in shared:
+            setattr(state, f, shared[f])
+
+
 def compile_rule(rule: OptimizationRule) -> RuleState:
     """Raises ConditionError for a trigger the condition language does not accept."""
     condition = parse_condition(rule.trigger)
@@ -153,6 +172,8 @@ class Optimizer:
         source: Source | None = None,
         actionlog: ActionLog | None = None,
         clock: Callable[[], float] = time.time,
+        leadership: Leadership | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         auto = settings.optimization.auto_optimization
         self.settings = settings
@@ -173,6 +194,14 @@ class Optimizer:
         self._harvested_at = 0.0
         tuning.listeners.append(self._changed_by_hand)
         self._own_change = False
+        self.leadership = leadership
+        self.shared = shared
+        if shared is not None:
+            shared.register("optimizer", self.shared_view, self.apply_shared)
+
+    @property
+    def leader(self) -> bool:
+        return self.leadership is None or self.leadership.leader
 
     # --- rules --------------------------------------------------------------------------------
     def rules_status(self) -> dict[str, Any]:
@@ -198,17 +227,46 @@ class Optimizer:
             if previous is not None:
                 previous.rule = state.rule
         for gone in old.values():
-            if gone.fired_at is not None:
+            if gone.fired_at is not None and self.leader:
                 await self._revert(gone, self.clock(), "rule removed or changed")
         self.states = kept
 
     async def set_dry_run(self, dry_run: bool) -> None:
-        if dry_run and not self.dry_run:
+        if dry_run and not self.dry_run and self.leader:
             # Going dry: take back what was really applied, so nothing stays changed unseen.
             for state in self.states:
                 if state.fired_at is not None and not state.dry:
                     await self._revert(state, self.clock(), "dry-run mode switched on")
         self.dry_run = dry_run
+
+    # --- shared with the other workers --------------------------------------------------------
+    def shared_view(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "dry_run": self.dry_run,
+            "cooldown_seconds": self.cooldown,
+            "rules": [s.rule.model_dump(mode="json") for s in self.states],
+            "states": {s.rule.name: _state_of(s) for s in self.states},
+        }
+
+    async def apply_shared(self, view: dict[str, Any]) -> None:
+        rules = [OptimizationRule.model_validate(r) for r in view["rules"]]
+        if self.leader:
+            # Another worker's API change: the leader reverts what it removes; its own states stand.
+            await self.replace_rules(rules)
+            await self.set_dry_run(bool(view["dry_run"]))
+        else:
+            self.states = [compile_rule(r) for r in rules]
+            for state in self.states:
+                _restore(state, view["states"].get(state.rule.name) or {})
+            self.dry_run = bool(view["dry_run"])
+        self.enabled = bool(view["enabled"])
+        self.cooldown = float(view["cooldown_seconds"])
+
+    async def publish(self) -> None:
+        """Send the rules, mode and states to every other worker (after a change made here)."""
+        if self.shared is not None:
+            await self.shared.publish("optimizer")
 
     async def tick(self, now: float | None = None) -> None:
         """Evaluate every rule once: apply what fires, revert what has been clear for the cool-down."""
@@ -335,7 +393,7 @@ class Optimizer:
                 return {}
             flat = self.source.kpis(until)
             return {k: flat.get(k) for k in KPI_KEYS}
-        frames = [f for f in self.monitor.collector.frames if f.at <= until]
+        frames = [f for f in self.monitor.frames() if f.at <= until]
         seconds = max(until - since, 1.0)
         report = kpi.response_kpis(kpi.window(frames, since), seconds)
         return {"window_seconds": round(seconds, 3), **{k: report.get(k) for k in KPI_KEYS}}
@@ -388,7 +446,11 @@ class Optimizer:
         self.log.close()
 
     async def evaluate(self) -> None:
-        await self.tick()
+        if self.leader:
+            before = [_state_of(s) for s in self.states]
+            await self.tick()
+            if [_state_of(s) for s in self.states] != before:
+                await self.publish()
         if self.tuning.cache_warming:
             await self.warm()
 

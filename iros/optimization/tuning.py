@@ -7,7 +7,10 @@ changed["cache.similarity_threshold"]               # {"before": 0.8, "after": 0
 tuning.snapshot()                                   # every value, by name
 
 Every change goes through `set`, which validates it, applies it to the live part and tells the
-listeners (the optimizer's audit log records them).
+listeners (the optimizer's audit log records them; the shared state sends it to every other worker).
+
+tuning.shared_view()                                 # the values set so far, for the other workers
+await tuning.apply_shared(view)                      # another worker's: applied quietly (audited there)
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class Tuning:
         self._affinity = _affinity()
         self.enforced: dict[str, Any] = {}
         self._torch_threads: int | None = None  # the embedder's threads before any CPU limit
+        # Every value set by name (not those a resource limit derives): what other workers apply.
+        self.explicit: dict[str, Any] = {}
 
     # --- reading ------------------------------------------------------------------------------
     def available(self, name: str) -> bool:
@@ -138,8 +143,11 @@ class Tuning:
         return {name: self.get(name) for name in KNOBS if self.available(name)}
 
     # --- changing -----------------------------------------------------------------------------
-    async def set(self, changes: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
-        """Validate every change first, then apply them all; returns before and after per name."""
+    async def set(
+        self, changes: dict[str, Any], source: str, *, quiet: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Validate every change first, then apply them all; returns before and after per name.
+        `quiet`: tell no listener (a change another worker made, audited and shared there)."""
         values: dict[str, Any] = {}
         for name, value in changes.items():
             knob = KNOBS.get(name)
@@ -148,6 +156,7 @@ class Tuning:
             if not self.available(name):
                 raise bad(f"{name} cannot be changed: that part is off in the configuration", name)
             values[name] = _check(name, knob, value)
+        self.explicit.update(values)
         out: dict[str, dict[str, Any]] = {}
         limits = False
         for name, value in values.items():
@@ -162,12 +171,23 @@ class Tuning:
             s = self.cache.settings
             await self.cache.store.set_limits(s.max_entries, int(s.max_memory_mb * 2**20), s.ttl_seconds)
         changed = {k: v for k, v in out.items() if v["before"] != v["after"]}
-        if changed:
+        if changed and not quiet:
             for listener in self.listeners:
                 result = listener(source, changed)
                 if inspect.isawaitable(result):
                     await result
         return out
+
+    def shared_view(self) -> dict[str, Any]:
+        return {"values": dict(self.explicit)}
+
+    async def apply_shared(self, view: dict[str, Any]) -> None:
+        values = view.get("values") or {}
+        changes = {
+            k: v for k, v in values.items() if k in KNOBS and self.available(k) and self.explicit.get(k) != v
+        }
+        if changes:
+            await self.set(changes, "shared", quiet=True)
 
     def _apply(self, name: str, value: Any) -> None:
         match name:

@@ -17,6 +17,7 @@ import sqlite3
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ class LocalState:
         self._leases: dict[str, tuple[int, int]] = {}  # name -> (fd, token)
         self._buckets: dict[str, int] = {}  # key -> fd
         self._appends = 0
+        # A thread of its own: the default executor can be busy for seconds with others' blocking jobs.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-state")
 
     # --- SQLite -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -72,7 +75,7 @@ class LocalState:
                 except sqlite3.Error as exc:
                     raise StateUnavailable(f"state.db: {exc}") from exc
 
-        return await asyncio.to_thread(locked)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
 
     async def start(self) -> None:
         await self._run(lambda db: None)
@@ -87,6 +90,7 @@ class LocalState:
             with self._lock:
                 self._conn.close()
                 self._conn = None
+        self._thread.shutdown(wait=False)
 
     # --- documents ----------------------------------------------------------------------------
     async def put(self, name: str, body: dict[str, Any], *, only_if_absent: bool = False) -> int:

@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from iros.state.base import StateBackend, StateUnavailable
 log = logging.getLogger("iros.state")
 
 POLL_SECONDS = 0.2
+DELAYS_KEPT = 512
 
 Snapshot = Callable[[], dict[str, Any]]
 Apply = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -78,6 +80,9 @@ class SharedState:
         self.outages = 0
         self.applied = 0  # documents applied from other workers
         self.last_error: str | None = None
+        # Seconds from another worker's publish to the apply here (one clock per host; across hosts
+        # it includes their clock difference): `iros bench state` reports their percentiles.
+        self.delays: deque[float] = deque(maxlen=DELAYS_KEPT)
         self._docs: dict[str, _Doc] = {}
         self._logs: dict[str, _Log] = {}
         self._known: set[str] = set()  # documents that exist (published or applied): restored after a loss
@@ -187,6 +192,7 @@ class SharedState:
             if envelope.get("by") != self.worker:
                 await _call(doc.apply, envelope["body"])
                 self.applied += 1
+                self.delays.append(time.time() - float(envelope.get("at", 0.0)))
         self.version = version
         for channel, follower in self._logs.items():
             follower.position, raw = await self.backend.read(channel, follower.position)
@@ -208,4 +214,5 @@ class SharedState:
             "applied": self.applied,
             "pending": sorted(self._dirty),
             "last_error": self.last_error,
+            "propagation_ms": [round(d * 1000, 2) for d in self.delays],
         }
