@@ -3,7 +3,7 @@
 cluster = ClusterFrames(collector, shared)      # shared: SharedState, or None for this worker alone
 await cluster.start(); ...; await cluster.close()
 cluster.frames()                                # every worker's frames of the last 5 minutes
-cluster.workers()                               # workers heard from in the last WORKER_SILENCE seconds
+cluster.workers()                               # this worker and those heard from lately
 
 Each worker publishes each second's frame once that second is over (its sketches as plain data) on the
 shared "frames" log and keeps the others' frames beside its own; sketches merge, so the cluster's P95 is
@@ -65,8 +65,12 @@ class ClusterFrames:
         return own
 
     def workers(self) -> int:
-        now = time.time()
-        return 1 + sum(1 for at in self.heard.values() if now - at < WORKER_SILENCE)
+        """This worker and those heard from shortly before the last one was: while the shared state is
+        down nobody is heard, and the count stays what it was (rate limits enforce limit / N)."""
+        if not self.heard:
+            return 1
+        latest = max(self.heard.values())
+        return 1 + sum(1 for at in self.heard.values() if latest - at < WORKER_SILENCE)
 
     async def publish(self) -> None:
         assert self.shared is not None
