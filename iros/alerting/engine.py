@@ -35,6 +35,7 @@ from iros.conditions.parse import LiveSource, Source
 from iros.config import AlertingSettings, AlertRuleSettings, Settings, Target
 from iros.core.periodic import cancel_all
 from iros.metrics.monitor import Monitor
+from iros.state.base import StateUnavailable
 from iros.state.lease import Leadership
 from iros.state.sync import SharedState
 
@@ -176,7 +177,12 @@ class AlertEngine:
                 await self._sync_rules()
                 if self.leader:
                     if not led:
-                        await self._load()  # as the last leader left it
+                        # As the last leader left it: its latest saves first, so that an alert it
+                        # has just announced is not announced again from here.
+                        if self.shared is not None:
+                            with contextlib.suppress(StateUnavailable):
+                                await self.shared.sync()
+                        await self._load()
                     led = True
                     await self.evaluate(self.clock())
                 else:

@@ -26,7 +26,7 @@ from iros.state.base import StateBackend, StateUnavailable
 
 log = logging.getLogger("iros.state")
 
-MIN_TTL = 1.0
+MIN_TTL = 2.0  # a renewal every 0.5 s at least: a busy event loop does not lose the lease for nothing
 
 
 class Leadership:
