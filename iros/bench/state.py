@@ -44,6 +44,7 @@ def run_state(
                     "state": {"backend": "redis", "url": redis.url},
                 }
                 procs.append(IrosProcess.serve(config, extra=["--workers", str(workers)]).start(60))
+            _collect(procs, replicas * workers)  # every worker up before the first change
             for i in range(changes):
                 proc = procs[i % replicas]
                 value = round(0.5 + 0.001 * (i + 1), 4)
@@ -76,9 +77,9 @@ def run_state(
         "applies": int(ms.size),
         "applies_expected": expected,
         "propagation_ms": {
-            "p50": round(float(np.percentile(ms, 50)), 2) if ms.size else None,
-            "p99": round(float(np.percentile(ms, 99)), 2) if ms.size else None,
-            "max": round(float(ms.max()), 2) if ms.size else None,
+            "p50": _percentile(ms, 50),
+            "p99": _percentile(ms, 99),
+            "max": _percentile(ms, 100),
         },
     }
 
@@ -95,3 +96,7 @@ def _collect(procs: list[IrosProcess], total: int) -> list[float]:
 
     wait_until(everyone, "every worker to answer", timeout=30, interval=0.01)
     return [d for delays in seen.values() for d in delays]
+
+
+def _percentile(ms: Any, q: float) -> float | None:
+    return round(float(np.percentile(ms, q)), 2) if ms.size else None

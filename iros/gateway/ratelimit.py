@@ -9,13 +9,15 @@ file with `local`), so the limit holds across workers and replicas. While the ba
 each worker enforces limit/N from a bucket of its own (N: the workers the cluster had when last seen),
 counts it (`fallbacks`, the on_fallback callback: a metric) and logs the outage once; a request is never
 failed for it. For `recheck` seconds after a failure the backend is not asked, so requests do not each
-wait out its timeout.
+wait out its timeout. Requests for one key that arrive while its call is out share the next call (one
+script takes n tokens, handed out in arrival order): under load a key costs one round trip per batch.
 
 Buckets exist only for configured keys (the key ring is fixed at start), so their number is bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -57,6 +59,9 @@ class RateLimiter:
         self.fallbacks = 0  # requests decided by this worker alone because the shared state was down
         self._down_until = 0.0
         self._down = False
+        self._busy: set[str] = set()  # keys with a call to the shared bucket out
+        self._waiting: dict[str, list[asyncio.Future[float]]] = {}  # ... and the requests for the next
+        self._drains: set[asyncio.Task[None]] = set()
 
     def _capacity(self, per_second: float) -> float:
         # A client that sends at its rate never waits; bursts beyond one second of it do.
@@ -71,7 +76,7 @@ class RateLimiter:
         if self.shared is not None:
             if self.clock() >= self._down_until:
                 try:
-                    wait = await self.shared.take(f"rate:{principal.name}", per_second, capacity)
+                    wait = await self._take(f"rate:{principal.name}", per_second, capacity)
                 except StateUnavailable as exc:
                     self._went_down(exc)
                 else:
@@ -88,6 +93,43 @@ class RateLimiter:
             n = max(1, self.workers())
             per_second, capacity = per_second / n, max(1.0, capacity / n)
         self._take_local(principal.name, rpm, per_second, capacity)
+
+    async def _take(self, key: str, per_second: float, capacity: float) -> float:
+        """0.0 when a token was taken from the shared bucket, else the seconds until one is there."""
+        assert self.shared is not None
+        if key in self._busy:
+            waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(key, []).append(waiter)
+            return await waiter
+        self._busy.add(key)
+        try:
+            taken, wait = await self.shared.take(key, per_second, capacity)
+        finally:
+            if self._waiting.get(key):
+                task = asyncio.get_running_loop().create_task(self._drain(key, per_second, capacity))
+                self._drains.add(task)  # held: the loop keeps only a weak reference
+                task.add_done_callback(self._drains.discard)
+            else:
+                self._busy.discard(key)
+        return 0.0 if taken else wait
+
+    async def _drain(self, key: str, per_second: float, capacity: float) -> None:
+        """Serve the requests that queued behind a call, n at a time, until none are left."""
+        assert self.shared is not None
+        try:
+            while waiters := self._waiting.pop(key, None):
+                try:
+                    taken, wait = await self.shared.take(key, per_second, capacity, len(waiters))
+                except StateUnavailable as exc:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    continue
+                for i, w in enumerate(waiters):
+                    if not w.done():
+                        w.set_result(0.0 if i < taken else wait)
+        finally:
+            self._busy.discard(key)
 
     def _went_down(self, exc: Exception) -> None:
         self._down_until = self.clock() + RECHECK_SECONDS

@@ -5,7 +5,7 @@ await backend.put("tuning", {...})              # a document, by name; every wor
 version, docs = await backend.changed(since)    # the documents put after version `since`
 await backend.append("frames", body)            # a bounded log; read(channel, after) follows it
 token = await backend.lease("evaluator", ttl)   # acquired or renewed: its fencing token, else None
-wait = await backend.take("key:alice", per_second, capacity)   # 0.0: allowed, else seconds to wait
+taken, wait = await backend.take("rate:alice", per_second, capacity)   # 1, 0.0: allowed
 
 A backend that cannot be reached raises StateUnavailable; callers keep serving from what they hold.
 """
@@ -70,9 +70,9 @@ class StateBackend(Protocol):
 
     async def release(self, name: str, token: int) -> None: ...
 
-    async def take(self, key: str, per_second: float, capacity: float) -> float:
-        """Take one token from the bucket `key` (refilled at `per_second`, at most `capacity`): 0.0 when
-        taken, else the seconds until one is there."""
+    async def take(self, key: str, per_second: float, capacity: float, n: int = 1) -> tuple[int, float]:
+        """Take up to `n` tokens from the bucket `key` (refilled at `per_second`, at most `capacity`):
+        how many were taken, and the seconds until the next one is there (0.0 when all were)."""
         ...
 
     def describe(self) -> dict[str, Any]:

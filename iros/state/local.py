@@ -184,7 +184,7 @@ class LocalState:
             del self._leases[name]
 
     # --- token buckets ------------------------------------------------------------------------
-    async def take(self, key: str, per_second: float, capacity: float) -> float:
+    async def take(self, key: str, per_second: float, capacity: float, n: int = 1) -> tuple[int, float]:
         fd = self._buckets.get(key)
         if fd is None:
             folder = self.data_dir / "buckets"
@@ -199,13 +199,10 @@ class LocalState:
             if updated > now:  # written before a reboot: CLOCK_MONOTONIC started again
                 tokens, updated = capacity, now
             tokens = min(capacity, tokens + (now - updated) * per_second)
-            wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
-            else:
-                wait = (1.0 - tokens) / per_second
+            taken = min(n, int(tokens))
+            tokens -= taken
             os.pwrite(fd, _BUCKET.pack(tokens, now), 0)
-            return wait
+            return taken, 0.0 if taken == n else (1.0 - tokens) / per_second
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 

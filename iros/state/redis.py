@@ -74,11 +74,14 @@ local b = redis.call('HMGET', KEYS[1], 't', 'u')
 local tokens, updated = tonumber(b[1]), tonumber(b[2])
 if tokens == nil or updated == nil then tokens, updated = cap, now end
 tokens = math.min(cap, tokens + math.max(0, now - updated) * rate)
+local n = tonumber(ARGV[3])
+local taken = math.min(n, math.floor(tokens))
+tokens = tokens - taken
 local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+if taken < n then wait = (1 - tokens) / rate end
 redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'u', string.format('%.6f', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(cap / rate * 1000) + 1000)
-return string.format('%.6f', wait)
+return {taken, string.format('%.6f', wait)}
 """
 
 
@@ -204,10 +207,11 @@ class RedisState:
             await self._release(keys=[self._lease_key(name)], args=[f"{self.worker}|{token}"])
 
     # --- token buckets ------------------------------------------------------------------------
-    async def take(self, key: str, per_second: float, capacity: float) -> float:
+    async def take(self, key: str, per_second: float, capacity: float, n: int = 1) -> tuple[int, float]:
         with self._redis("rate limit"):
-            wait = await self._take(keys=[f"{self.prefix}:bucket:{key}"], args=[per_second, capacity])
-        return float(wait)
+            keys = [f"{self.prefix}:bucket:{key}"]
+            taken, wait = await self._take(keys=keys, args=[per_second, capacity, n])
+        return int(taken), float(wait)
 
     def describe(self) -> dict[str, Any]:
         return {
