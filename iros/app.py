@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -53,7 +54,7 @@ from iros.gateway.sessions import Sessions
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
-from iros.optimization.tuning import Tuning
+from iros.optimization.tuning import KNOBS, Tuning
 from iros.routing.router import Router
 from iros.state.lease import Leadership
 from iros.state.sync import SharedState, build_state
@@ -262,10 +263,15 @@ def create_app(settings: Settings) -> IrosApp:
         cache = build_cache(settings.cache, data_dir, note_stage)
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
-    shared.register("tuning", tuning.shared_view, tuning.apply_shared)
+    for name in KNOBS:
+        if tuning.available(name):
+            shared.register(
+                f"tuning:{name}", partial(tuning.shared_value, name), partial(tuning.apply_shared, name)
+            )
 
     async def share_tuning(source: str, changed: dict[str, dict[str, object]]) -> None:
-        await shared.publish("tuning")
+        for name in changed:
+            await shared.publish(f"tuning:{name}")
 
     tuning.listeners.append(share_tuning)
     router = Router(

@@ -9,8 +9,8 @@ tuning.snapshot()                                   # every value, by name
 Every change goes through `set`, which validates it, applies it to the live part and tells the
 listeners (the optimizer's audit log records them; the shared state sends it to every other worker).
 
-tuning.shared_view()                                 # the values set so far, for the other workers
-await tuning.apply_shared(view)                      # another worker's: applied quietly (audited there)
+tuning.shared_value("cache.similarity_threshold")    # {"value": 0.85}: one setting, for the other workers
+await tuning.apply_shared("cache.similarity_threshold", {"value": 0.85})  # quietly (audited where made)
 """
 
 from __future__ import annotations
@@ -85,8 +85,6 @@ class Tuning:
         self._affinity = _affinity()
         self.enforced: dict[str, Any] = {}
         self._torch_threads: int | None = None  # the embedder's threads before any CPU limit
-        # Every value set by name (not those a resource limit derives): what other workers apply.
-        self.explicit: dict[str, Any] = {}
 
     # --- reading ------------------------------------------------------------------------------
     def available(self, name: str) -> bool:
@@ -156,7 +154,6 @@ class Tuning:
             if not self.available(name):
                 raise bad(f"{name} cannot be changed: that part is off in the configuration", name)
             values[name] = _check(name, knob, value)
-        self.explicit.update(values)
         out: dict[str, dict[str, Any]] = {}
         limits = False
         for name, value in values.items():
@@ -178,16 +175,13 @@ class Tuning:
                     await result
         return out
 
-    def shared_view(self) -> dict[str, Any]:
-        return {"values": dict(self.explicit)}
+    # One shared document per setting: changes of two settings made at once on two workers both stand.
+    def shared_value(self, name: str) -> dict[str, Any]:
+        return {"value": self.get(name)}
 
-    async def apply_shared(self, view: dict[str, Any]) -> None:
-        values = view.get("values") or {}
-        changes = {
-            k: v for k, v in values.items() if k in KNOBS and self.available(k) and self.explicit.get(k) != v
-        }
-        if changes:
-            await self.set(changes, "shared", quiet=True)
+    async def apply_shared(self, name: str, body: dict[str, Any]) -> None:
+        if self.available(name) and self.get(name) != body.get("value"):
+            await self.set({name: body.get("value")}, "shared", quiet=True)
 
     def _apply(self, name: str, value: Any) -> None:
         match name:

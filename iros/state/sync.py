@@ -1,8 +1,8 @@
 """Keeping a worker in step: documents each part publishes and applies, and logs it follows.
 
 shared = SharedState(build_state(settings))
-shared.register("tuning", tuning.shared_view, tuning.apply_shared)   # a part's document
-await shared.publish("tuning")                 # after a change made here: every other worker applies it
+shared.register("optimizer", optimizer.shared_view, optimizer.apply_shared)   # a part's document
+await shared.publish("optimizer")              # after a change made here: every other worker applies it
 shared.follow("alerts", on_entries)            # a log: on_entries(list[bytes]) with what others appended
 await shared.start(); ...; await shared.close()
 
