@@ -78,7 +78,7 @@ class ClusterFrames:
         done = [f for f in self.collector.frames if self._published < int(f.at) < now]
         # An idle second is published too (empty), so the others keep counting this worker.
         body: dict[str, Any] = {"frames": [_frame_data(f) for f in done]}
-        if await self.shared.append(CHANNEL, body):
+        if await self.shared.append(CHANNEL, body, keep=False):  # a missed second stays missed
             self._published = now - 1
 
     def _receive(self, entries: list[dict[str, Any]]) -> None:

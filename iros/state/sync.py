@@ -34,6 +34,7 @@ log = logging.getLogger("iros.state")
 
 POLL_SECONDS = 0.2
 DELAYS_KEPT = 512
+UNSENT_KEPT = 1000  # log entries kept while the backend is down (acknowledgements, silences)
 
 Snapshot = Callable[[], dict[str, Any]]
 Apply = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -87,6 +88,7 @@ class SharedState:
         self._logs: dict[str, _Log] = {}
         self._known: set[str] = set()  # documents that exist (published or applied): restored after a loss
         self._dirty: set[str] = set()
+        self._unsent: deque[tuple[str, bytes]] = deque(maxlen=UNSENT_KEPT)
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[bool], Any]] = []
 
@@ -118,11 +120,15 @@ class SharedState:
         self._dirty.discard(name)
         return True
 
-    async def append(self, channel: str, entry: dict[str, Any]) -> bool:
-        """Add `entry` to the log `channel` for the other workers; False when the backend is down."""
+    async def append(self, channel: str, entry: dict[str, Any], *, keep: bool = True) -> bool:
+        """Add `entry` to the log `channel` for the other workers; False when the backend is down, and
+        then (`keep`) it goes out when the backend answers again."""
+        body = orjson.dumps({"by": self.worker, **entry})
         try:
-            await self.backend.append(channel, orjson.dumps({"by": self.worker, **entry}))
+            await self.backend.append(channel, body)
         except StateUnavailable as exc:
+            if keep:
+                self._unsent.append((channel, body))
             self._down(exc)
             return False
         return True
@@ -175,6 +181,10 @@ class SharedState:
         for name in sorted(self._dirty):
             await self.backend.put(name, self._envelope(name))
             self._dirty.discard(name)
+        while self._unsent:
+            channel, body = self._unsent[0]
+            await self.backend.append(channel, body)
+            self._unsent.popleft()
         version, docs = await self.backend.changed(self.version)
         if version < self.version:
             # The backend lost its data (a Redis restart): put back what this worker holds, unless

@@ -187,3 +187,52 @@ async def test_with_the_state_down_each_worker_enforces_its_share(tmp_path: Path
             assert exc.status == 429
     assert passed == 2
     assert len(fallbacks) == 6 and limiter.fallbacks == 6
+
+
+class Flaky(LocalState):
+    """A LocalState that can be switched off: every call raises StateUnavailable while `down`."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StateUnavailable("switched off for the test")
+
+    async def put(self, name: str, body: dict[str, Any], *, only_if_absent: bool = False) -> int:
+        self._check()
+        return await super().put(name, body, only_if_absent=only_if_absent)
+
+    async def changed(self, since: int) -> tuple[int, dict[str, dict[str, Any]]]:
+        self._check()
+        return await super().changed(since)
+
+    async def append(self, channel: str, body: bytes) -> str:
+        self._check()
+        return await super().append(channel, body)
+
+
+async def test_changes_made_while_the_state_is_down_go_out_when_it_returns(tmp_path: Path) -> None:
+    """A document published and a log entry appended while the backend is down reach the other worker
+    once it answers again; the outage shows in describe()."""
+    flaky = Flaky(tmp_path)
+    here, there = SharedState(flaky, poll=0.05), SharedState(LocalState(tmp_path), poll=0.05)
+    applied: list[Any] = []
+    heard: list[Any] = []
+    here.register("doc", lambda: {"v": 3}, lambda body: None)
+    there.register("doc", lambda: {}, applied.append)
+    there.follow("acks", lambda entries: heard.extend(e["id"] for e in entries), from_start=False)
+    await here.start()
+    await there.start()
+    flaky.down = True
+    assert not await here.publish("doc")
+    assert not await here.append("acks", {"id": "a1"})
+    assert here.describe()["connected"] is False and here.describe()["pending"] == ["doc"]
+    flaky.down = False
+    for _ in range(100):
+        if applied and heard:
+            break
+        await asyncio.sleep(0.05)
+    assert applied == [{"v": 3}] and heard == ["a1"]
+    assert here.connected and here.outages == 1
+    await here.close()
+    await there.close()
