@@ -1,7 +1,8 @@
 """One Iros across replicas: two replicas of two workers each share one real redis-server as their state
-backend. A tune on one worker is what all four serve; a key's burst holds for the whole cluster; an
-alert notifies a real webhook receiver once; Redis restarted, requests go on and state converges; the
-leader replica killed with SIGKILL, the other evaluates and notifies."""
+backend. A tune on one worker is what all four serve; a key's burst holds for the whole cluster; the
+live numbers are the cluster's; an alert notifies a real webhook receiver once; Redis restarted,
+requests go on and state converges; the leader replica killed with SIGKILL, the other evaluates and
+notifies."""
 
 from __future__ import annotations
 
@@ -151,6 +152,13 @@ def test_a_rule_firing_under_load_notifies_once_and_every_replica_agrees(
     with ThreadPoolExecutor(8) as pool:  # 30 requests on each replica: only together past 40
         codes = list(pool.map(lambda i: _ask(cluster[i % 2], CLIENT_KEY, f"load {i}"), range(60)))
     assert codes.count(200) == 60
+
+    # Whichever worker answers, the live numbers are the whole cluster's: all 60, not its own share.
+    def counted(proc: IrosProcess) -> bool:
+        return all(_get(proc, "/api/metrics/current")["response"]["count"] >= 60 for _ in range(4))
+
+    for proc in cluster:
+        wait_until(lambda p=proc: counted(p), "the cluster's count on every worker", timeout=10)
     wait_until(lambda: hook.alerts("cluster_load", "firing"), "the firing notification", timeout=20)
     time.sleep(4)  # two evaluations later: still one notification for the whole cluster
     assert len(hook.alerts("cluster_load", "firing")) == 1
