@@ -203,8 +203,6 @@ class IrosApp:
     async def _stop_parts(self) -> None:
         if self.leadership is not None:
             await self.leadership.close()  # released: another worker takes over at once
-        if self.shared is not None:
-            await self.shared.close()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
@@ -215,6 +213,8 @@ class IrosApp:
         if self.monitor is not None:
             await self.monitor.close()
             mark_worker_gone()
+        if self.shared is not None:
+            await self.shared.close()  # last: the parts above publish until they stop
         await self.router.aclose()
 
 

@@ -170,8 +170,11 @@ class AlertEngine:
     async def _run(self) -> None:
         led = False
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands
+            # as the wait ends, and close() would wait for this task for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.evaluation_interval_seconds)
+                async with asyncio.timeout(self.settings.evaluation_interval_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._sync_rules()

@@ -169,8 +169,9 @@ class Notifier:
             except Exception:
                 log.exception("alert dispatch failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see AlertEngine._run
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._wake.wait()
 
     async def dispatch(self, wait: bool = False) -> None:
         """Start a send for each channel with due items and no send in progress (`wait`: finish them)."""

@@ -75,7 +75,10 @@ class LocalState:
                 except sqlite3.Error as exc:
                     raise StateUnavailable(f"state.db: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
+        except RuntimeError as exc:  # closed: the process is stopping
+            raise StateUnavailable(f"state.db: {exc}") from exc
 
     async def start(self) -> None:
         await self._run(lambda db: None)
