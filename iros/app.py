@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -36,6 +37,7 @@ from iros.api.live import MetricsLiveAPI
 from iros.api.metrics import MetricsAPI
 from iros.api.monitoring import MonitoringAPI
 from iros.api.optimization import CacheTuningAPI, OptimizationAPI
+from iros.api.state import StateAPI
 from iros.api.system import SystemAPI
 from iros.backends.simulation import PROFILES
 from iros.cache.engine import ResponseCache, build_cache
@@ -50,16 +52,19 @@ from iros.gateway.auth import KeyRing
 from iros.gateway.budgets import Budgets
 from iros.gateway.keyguard import KeyGuardMiddleware
 from iros.gateway.pipeline import Gateway
+from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.sessions import Sessions
 from iros.gateway.spend import SQLiteSpendStore
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
-from iros.optimization.tuning import Tuning
+from iros.optimization.tuning import KNOBS, Tuning
 from iros.otel.env import OtelEnv
 from iros.otel.export import Telemetry
 from iros.routing.router import Router
 from iros.server.guards import RequestGuard, bounded_body
+from iros.state.lease import Leadership
+from iros.state.sync import SharedState, build_state
 
 log = logging.getLogger("iros")
 
@@ -107,6 +112,8 @@ class IrosApp:
         analysis: AnalysisAPI | None,
         alerts: AlertEngine | None,
         telemetry: Telemetry | None = None,
+        shared: SharedState | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -118,6 +125,8 @@ class IrosApp:
         self.alerts = alerts
         self.telemetry = telemetry
         self._settling: asyncio.Task[None] | None = None
+        self.shared = shared
+        self.leadership = leadership
         self.routes = Starlette(
             routes=routes,
             # Wrong keys and sign-ins slow their address (the gateway checks the same guard inline).
@@ -188,6 +197,12 @@ class IrosApp:
             await self.analysis.start()
         if self.alerts is not None:
             await self.alerts.start()
+        # Last: the first sync applies the cluster's documents to the parts started above.
+        if self.shared is not None:
+            await self.shared.start()
+        if self.leadership is not None:
+            await self.leadership.start()
+
         if self.monitor is not None:
             self._settling = asyncio.create_task(self._settle(self.monitor))
 
@@ -198,6 +213,8 @@ class IrosApp:
         monitor.collector.started()
 
     async def _stop_parts(self) -> None:
+        if self.leadership is not None:
+            await self.leadership.close()  # released: another worker takes over at once
         if self._settling is not None:
             self._settling.cancel()
         if self.alerts is not None:
@@ -214,6 +231,8 @@ class IrosApp:
             mark_worker_gone()
         if self.telemetry is not None:
             await self.telemetry.close()
+        if self.shared is not None:
+            await self.shared.close()  # last: the parts above publish until they stop
         await self.router.aclose()
 
 
@@ -246,7 +265,15 @@ def create_app(settings: Settings) -> IrosApp:
     data_dir = Path(server.data_dir)
     keyring = KeyRing(settings.auth, Sessions.for_data_dir(data_dir))
     admission = Admission(server.max_concurrency, server.max_queue, server.queue_timeout_seconds)
-    monitor = Monitor(settings, admission) if settings.metrics_collection.enabled else None
+    # Every worker of every replica in step (iros/state/): live settings, rules, alert state, rate
+    # limits, the live numbers; one evaluator of alert and optimizer rules, elected by a lease.
+    backend = build_state(settings)
+    shared = SharedState(backend)
+    intervals = [settings.optimization.auto_optimization.evaluation_interval_seconds]
+    if settings.alerting.enabled and settings.metrics_collection.enabled:
+        intervals.append(settings.alerting.evaluation_interval_seconds)
+    leadership = Leadership(backend, "evaluator", ttl=min(intervals))
+    monitor = Monitor(settings, admission, shared=shared) if settings.metrics_collection.enabled else None
     cache = None
     if settings.cache.enabled:
         # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
@@ -256,11 +283,28 @@ def create_app(settings: Settings) -> IrosApp:
             cache.on_skip = monitor.exposition.cache_skipped.inc
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
+    for name in KNOBS:
+        if tuning.available(name):
+            shared.register(
+                f"tuning:{name}", partial(tuning.shared_value, name), partial(tuning.apply_shared, name)
+            )
+
+    async def share_tuning(source: str, changed: dict[str, dict[str, object]]) -> None:
+        for name in changed:
+            await shared.publish(f"tuning:{name}")
+
+    tuning.listeners.append(share_tuning)
     router = Router(
         settings.models,
         optimization=settings.optimization,
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
+    )
+    limiter = RateLimiter(
+        settings.auth.burst,
+        shared=backend,
+        workers=monitor.cluster.workers if monitor is not None else lambda: 1,  # for limit / N
+        on_fallback=monitor.exposition.state_fallbacks.inc if monitor is not None else None,
     )
     # What each key spends (the ledger in data_dir, shared by a host's workers) against its budget.
     on_share = None
@@ -275,12 +319,16 @@ def create_app(settings: Settings) -> IrosApp:
     otel_env = OtelEnv.read(os.environ)
     telemetry = Telemetry(otel_env, settings) if otel_env is not None else None
     tracing = telemetry.start_trace if telemetry is not None and telemetry.traces else None
-    gateway = Gateway(settings, router, keyring, admission, cache, budgets=budgets, tracing=tracing)
+    gateway = Gateway(
+        settings, router, keyring, admission, cache, limiter=limiter, budgets=budgets, tracing=tracing
+    )
     if telemetry is not None:
         gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
-    optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
+    optimizer = Optimizer(
+        settings, tuning, router, gateway=gateway, monitor=monitor, leadership=leadership, shared=shared
+    )
 
     system = SystemAPI(settings, router, admission, keyring, monitor)
     routes = system.routes()
@@ -293,7 +341,7 @@ def create_app(settings: Settings) -> IrosApp:
         if settings.alerting.enabled:
             # Rules over the live KPIs, notifications through channels; every live message (/ws/metrics,
             # SSE) carries the active alerts, and transitions go out as they happen.
-            alerts = AlertEngine.build(settings, monitor)
+            alerts = AlertEngine.build(settings, monitor, leadership=leadership, shared=shared)
             monitor.hub.add_section("alerts", alerts.summary)
             routes += AlertAPI(alerts, keyring).routes()
         # Profiler, bottlenecks, reports (and their scheduler), capacity planning, troubleshooting.
@@ -303,6 +351,8 @@ def create_app(settings: Settings) -> IrosApp:
         routes += CacheTuningAPI(gateway, cache, tuning, keyring).routes()
     routes += OptimizationAPI(optimizer, keyring).routes()
     routes += OptimizationComparisonAPI(optimizer, keyring).routes()
+    workers = monitor.cluster.workers if monitor is not None else lambda: 1
+    routes += StateAPI(shared, leadership, tuning, workers, keyring).routes()
     # The dashboard: its page, login form and assets; its session cookie works on every route.
     routes += DashboardPages(keyring, secure_cookie=server.secure_cookie).routes()
     return IrosApp(
@@ -315,6 +365,8 @@ def create_app(settings: Settings) -> IrosApp:
         analysis=analysis,
         alerts=alerts,
         telemetry=telemetry,
+        shared=shared,
+        leadership=leadership,
     )
 
 

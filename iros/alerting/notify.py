@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from iros.alerting.channels.base import Channel, ChannelError, Notification
@@ -90,6 +90,9 @@ class Notifier:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Asked before each send with items due: with several workers, only the evaluator's says yes
+        # (checked against the shared lease itself, so a paused old leader sends nothing).
+        self.may_send: Callable[[], Awaitable[bool]] | None = None
 
     def group_key(self, channel: str, alert: Alert) -> tuple[str, dict[str, str]]:
         labels = {k: alert.labels[k] for k in self.settings.group_by if k in alert.labels}
@@ -166,13 +169,16 @@ class Notifier:
             except Exception:
                 log.exception("alert dispatch failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see AlertEngine._run
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._wake.wait()
 
     async def dispatch(self, wait: bool = False) -> None:
         """Start a send for each channel with due items and no send in progress (`wait`: finish them)."""
         now = self.clock()
         due = await self.store.due(now)
+        if due and self.may_send is not None and not await self.may_send():
+            return
         by_channel: dict[str, list[OutboxItem]] = {}
         for item in due:
             by_channel.setdefault(item.channel, []).append(item)

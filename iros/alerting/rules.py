@@ -184,6 +184,9 @@ def condition_problem(rule: AlertRuleSettings) -> str | None:
     return None
 
 
+READ_ONLY = frozenset({"reads", "source"})  # in GET /api/alerts/rules, derived from the rule
+
+
 def parse_rules(body: Any, alerting: AlertingSettings) -> list[AlertRuleSettings]:
     """Rules sent to PUT /api/alerts/rules, checked one by one; every problem is reported at once."""
     if isinstance(body, dict) and "alert_rules" in body:
@@ -197,6 +200,8 @@ def parse_rules(body: Any, alerting: AlertingSettings) -> list[AlertRuleSettings
     channels = {c.name for c in alerting.channels}
     seen: set[str] = set()
     for i, raw in enumerate(body):
+        if isinstance(raw, dict):  # what GET returns is accepted back: its read-only fields are ignored
+            raw = {k: v for k, v in raw.items() if k not in READ_ONLY}
         label = f"alert_rules[{i}]" + (
             f" ({raw.get('name')})" if isinstance(raw, dict) and raw.get("name") else ""
         )

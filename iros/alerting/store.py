@@ -204,16 +204,12 @@ class AlertStore:
                 sql = f"INSERT OR REPLACE INTO alerts ({_ALERT_COLUMNS}) VALUES ({','.join('?' * 16)})"
                 conn.execute(sql, _alert_row(alert))
                 if transition is not None:
+                    # Once: a transition copied from another replica may arrive twice.
+                    head = (alert.id, alert.updated_at, transition[0], transition[1])
                     conn.execute(
-                        "INSERT INTO transitions VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            alert.id,
-                            alert.updated_at,
-                            transition[0],
-                            transition[1],
-                            alert.value,
-                            transition[2],
-                        ),
+                        "INSERT INTO transitions SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM "
+                        "transitions WHERE alert_id = ? AND at = ? AND from_state = ? AND to_state = ?)",
+                        (*head, alert.value, transition[2], *head),
                     )
 
         await self.db.run(write)
@@ -281,10 +277,12 @@ class AlertStore:
                     (who, comment, now, alert_id),
                 )
                 if cur.rowcount:
+                    note = f"acknowledged by {who}" + (f": {comment}" if comment else "")
                     conn.execute(
-                        "INSERT INTO transitions "
-                        "SELECT id, ?, state, state, value, ? FROM alerts WHERE id = ?",
-                        (now, f"acknowledged by {who}" + (f": {comment}" if comment else ""), alert_id),
+                        "INSERT INTO transitions SELECT id, ?, state, state, value, ? FROM alerts "
+                        "WHERE id = ? AND NOT EXISTS "
+                        "(SELECT 1 FROM transitions WHERE alert_id = ? AND at = ? AND note = ?)",
+                        (now, note, alert_id, alert_id, now, note),
                     )
                 return cur.rowcount > 0
 
@@ -323,7 +321,7 @@ class AlertStore:
     async def add_silence(self, s: Silence) -> None:
         await self.db.run(
             self._tx,
-            "INSERT INTO silences VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO silences VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(s.id, json.dumps(s.matchers), s.starts_at, s.ends_at, s.created_by, s.comment, s.created_at)],
         )
 

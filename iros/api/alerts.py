@@ -112,12 +112,8 @@ class AlertAPI(AdminAPI):
             raise bad("who must be a name of 1 to 200 characters", "who")
         if not isinstance(comment, str) or len(comment) > 2000:
             raise bad("comment must be text of at most 2000 characters", "comment")
-        now = self.engine.clock()
-        if not await self.engine.store.acknowledge(alert_id, who.strip(), comment, now):
+        if not await self.engine.acknowledge(alert_id, who.strip(), comment):
             raise self._no_alert(alert_id)
-        current = next((a for a in self.engine.current.values() if a.id == alert_id), None)
-        if current is not None:
-            current.acked_by, current.ack_comment, current.acked_at = who.strip(), comment, now
         alert = await self.engine.store.alert(alert_id)
         assert alert is not None
         return JSONResponse(self.engine.view(alert))
@@ -186,8 +182,7 @@ class AlertAPI(AdminAPI):
             )
         author = str(body.get("created_by") or who.name)[:200]
         silence = Silence(uuid.uuid4().hex[:16], matchers, now, now + minutes * 60, author, comment, now)
-        await self.engine.store.add_silence(silence)
-        self.engine.silences.append(silence)
+        await self.engine.add_silence(silence)
         return silence
 
     async def add_silence(self, request: Request) -> Response:
@@ -225,12 +220,10 @@ class AlertAPI(AdminAPI):
     async def expire_silence(self, request: Request) -> Response:
         self._admin(request)
         silence_id = request.path_params["silence_id"]
-        now = self.engine.clock()
-        if not await self.engine.store.expire_silence(silence_id, now):
+        if not await self.engine.expire_silence(silence_id):
             raise IrosError(
                 404, f"no active silence {silence_id!r}", param="silence_id", code="silence_not_found"
             )
-        self.engine.silences = [s for s in self.engine.silences if s.id != silence_id]
         return JSONResponse({"id": silence_id, "expired": True})
 
     # --- rules ----------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ PUT  /api/optimization/resources/tune           {"cpu_limit": 4.0, "memory_limit
 GET  /api/optimization/rules
 PUT  /api/optimization/rules                    {"rules": [...], "dry_run": true, "cooldown_seconds": 60}
 GET  /api/optimization/settings                 every live setting by name
+PUT  /api/optimization/settings                 {"cache.similarity_threshold": 0.85, ...}: by name
+
+What a GET returns, the PUT beside it takes back unchanged: fields it only reports are ignored. Every
+change reaches every worker of every replica through the shared state (iros/state/).
 GET  /api/optimization/audit?limit=100          every change: rule, time, before and after
 PUT  /api/optimization/cache/tune              {target_hit_rate, max_memory_mb, similarity_threshold, ttl}
 POST /api/optimization/cache/warm              {"prompts": [...], "model": "...", "params": {...}}
@@ -19,6 +23,7 @@ Each action's KPIs before and after are at /api/analysis/compare/optimizations (
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -37,11 +42,22 @@ from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
 from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, WarmBusy, Warmer, check_prompts
 from iros.optimization.optimizer import Optimizer
-from iros.optimization.tuning import Tuning, floor_threshold
+from iros.optimization.tuning import KNOBS, Tuning, floor_threshold
 
 MAX_AUDIT = 1000
 TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
 _RULES = TypeAdapter(list[OptimizationRule])
+# Reported by GET /api/optimization/rules, ignored by its PUT (per rule, and for the whole body).
+_RULE_STATUS = frozenset(
+    {"condition", "state", "value", "active", "fired_at", "clear_since", "changes", "error"}
+)
+_RULES_STATUS = frozenset({"evaluation_interval_seconds", "metrics", "last_evaluation"})
+# Reported by GET /api/optimization/cache and the tune answer, ignored by PUT .../cache/tune.
+_CACHE_STATUS = frozenset(
+    {"enabled", "semantic_ready", "verifier", "lookups", "exact_hits", "semantic_hits", "misses", "hit_rate"}
+    | {"verifier_rejections", "saved", "store_errors", "indexed", "store", "applied", "precision_floor"}
+    | {"floor_threshold", "notes"}
+)
 
 
 class OptimizationAPI(AdminAPI):
@@ -60,11 +76,17 @@ class OptimizationAPI(AdminAPI):
             Route("/api/optimization/rules", self.rules, methods=["GET"]),
             Route("/api/optimization/rules", self.put_rules, methods=["PUT"]),
             Route("/api/optimization/settings", self.live_settings, methods=["GET"]),
+            Route("/api/optimization/settings", self.put_settings, methods=["PUT"]),
             Route("/api/optimization/audit", self.audit, methods=["GET"]),
         ]
 
-    async def _json(self, request: Request, known: set[str]) -> dict[str, Any]:
-        body = await self._json_object(request)
+    async def _json(
+        self, request: Request, known: set[str], reported: Collection[str] = ()
+    ) -> dict[str, Any]:
+        """The body's fields in `known`; those only `reported` by the GET beside it are dropped."""
+        body = {
+            k: v for k, v in (await self._json_object(request)).items() if k in known or k not in reported
+        }
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
         return body
@@ -93,7 +115,8 @@ class OptimizationAPI(AdminAPI):
 
     async def tune_models(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json(request, {"prefer_speed", "quality_threshold", "lightweight_only"})
+        known = {"prefer_speed", "quality_threshold", "lightweight_only"}
+        body = await self._json(request, known, {"applied", *self._models_view()})
         if not body:
             raise bad("give prefer_speed, quality_threshold or lightweight_only")
         changed = await self.tuning.set({f"models.{k}": v for k, v in body.items()}, "api:models/tune")
@@ -126,10 +149,15 @@ class OptimizationAPI(AdminAPI):
 
     async def tune_resources(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json(request, {"cpu_limit", "memory_limit_mb"})
+        body = await self._json(
+            request, {"cpu_limit", "memory_limit_mb"}, {"applied", *self._resources_view()}
+        )
         if not body:
             raise bad("give cpu_limit (cores) and/or memory_limit_mb; null lifts a limit")
-        changed = await self.tuning.set({f"resources.{k}": v for k, v in body.items()}, "api:resources/tune")
+        # A limit sent back unchanged does not re-derive what it governs (a round trip changes nothing).
+        wanted = {f"resources.{k}": v for k, v in body.items()}
+        changes = {k: v for k, v in wanted.items() if self.tuning.get(k) != v}
+        changed = await self.tuning.set(changes, "api:resources/tune") if changes else {}
         return JSONResponse({"applied": changed, **self._resources_view()})
 
     # --- rules --------------------------------------------------------------------------------
@@ -139,7 +167,7 @@ class OptimizationAPI(AdminAPI):
 
     async def put_rules(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json(request, {"rules", "dry_run", "enabled", "cooldown_seconds"})
+        body = await self._json(request, {"rules", "dry_run", "enabled", "cooldown_seconds"}, _RULES_STATUS)
         for flag in ("dry_run", "enabled"):
             if flag in body and not isinstance(body[flag], bool):
                 raise bad(f"{flag}: true or false", flag)
@@ -151,8 +179,12 @@ class OptimizationAPI(AdminAPI):
         if "rules" in body:
             if not isinstance(body["rules"], list) or len(body["rules"]) > 100:
                 raise bad("rules: a list of at most 100 {name, trigger, actions}", "rules")
+            given = [
+                {k: v for k, v in r.items() if k not in _RULE_STATUS} if isinstance(r, dict) else r
+                for r in body["rules"]
+            ]
             try:
-                rules = _RULES.validate_python(body["rules"])
+                rules = _RULES.validate_python(given)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = error_path(("rules", *first["loc"]))
@@ -170,12 +202,25 @@ class OptimizationAPI(AdminAPI):
             self.optimizer.enabled = body["enabled"]
         if "cooldown_seconds" in body:
             self.optimizer.cooldown = float(cooldown)  # type: ignore[arg-type]
+        await self.optimizer.publish()
         return JSONResponse(self.optimizer.rules_status())
 
     # --- settings and audit -------------------------------------------------------------------
     async def live_settings(self, request: Request) -> Response:
         self._admin(request)
         return JSONResponse(self.tuning.snapshot())
+
+    async def put_settings(self, request: Request) -> Response:
+        self._admin(request)
+        body = await self._json_object(request)
+        # Only what differs: a resource limit sent back unchanged must not re-derive what it governs.
+        changes = {
+            k: v
+            for k, v in body.items()
+            if k not in KNOBS or not self.tuning.available(k) or self.tuning.get(k) != v
+        }
+        changed = await self.tuning.set(changes, "api:settings") if changes else {}
+        return JSONResponse({"applied": changed, "settings": self.tuning.snapshot()})
 
     async def audit(self, request: Request) -> Response:
         self._admin(request)
@@ -218,8 +263,8 @@ class CacheTuningAPI(AdminAPI):
     # --- tune ---------------------------------------------------------------------------------
     async def tune(self, request: Request) -> Response:
         self._admin(request)
-        body = await self._json_object(request)
         known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
+        body = {k: v for k, v in (await self._json_object(request)).items() if k not in _CACHE_STATUS}
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
         settings = self.cache.settings

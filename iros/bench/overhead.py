@@ -115,6 +115,7 @@ def run_overhead(
     metrics_baseline: bool = False,
     otel: bool = False,
     cache: bool = False,
+    ratelimit_redis: bool = False,
 ) -> dict[str, Any]:
     """Measure wrk against nginx directly and through Iros at each concurrency; returns the report.
 
@@ -124,6 +125,9 @@ def run_overhead(
     in this process, and each row gains `otel_cost` against the Iros that exports nothing.
     With cache, Iros has the default cache on, the load asks distinct questions, an Iros with the cache
     off runs it too, and each row gains `cache_cost`.
+    With ratelimit_redis, two more Irosen answer the same key, one without a rate limit and one whose
+    limit (too high to refuse) is checked in Redis (state.backend redis, a redis-server started here),
+    and each row gains `ratelimit_cost`: what the cluster-wide check adds to a request.
     """
     if not concurrency or any(c < 1 for c in concurrency):
         raise BenchError("give one or more concurrencies of at least 1, e.g. --concurrency 1,16,64")
@@ -143,6 +147,7 @@ def run_overhead(
     off_proc: ChildProcess | None = None
     memory: dict[str, float | None] = {}
     cache_stats: dict[str, Any] | None = None
+    extra: list[ChildProcess] = []
     bar = wrk_progress(progress)
     with (
         sigterm_as_interrupt(),
@@ -153,7 +158,8 @@ def run_overhead(
         try:
             phase = Phase(bar, None, None)
             if bar is not None:
-                total = len(concurrency) * (2 + metrics_baseline + otel + cache) * (duration + warmup)
+                runs = 2 + int(metrics_baseline) + int(otel) + int(cache) + 2 * int(ratelimit_redis)
+                total = len(concurrency) * runs * (duration + warmup)
                 phase.overall = bar.add_task("all runs", total=total, clock="")
                 phase.task = bar.add_task("starting nginx and Iros", total=None, clock="")
             nginx_proc = start_nginx(workdir, nginx, max(concurrency))
@@ -207,9 +213,20 @@ def run_overhead(
                     "iros_after_start": _rss_mb(iros_proc),
                     "iros_cache_off_after_start": _rss_mb(off_proc),
                 }
+            scripts = {key: script for key in targets}
+            if ratelimit_redis:
+                for key, proc, where in _ratelimit_servers(workdir, nginx_proc.port, iros_workers, extra):
+                    procs.append((proc, where, f"{key.removeprefix('iros_')}.log"))
+                    servers[key] = proc
+                    targets[key] = (f"{proc.url}/v1/chat/completions", where)
+                    scripts[key] = workdir / "bench-keyed.lua"
+                scripts["iros_keyed"].write_text(
+                    wrk_script(distinct=cache, authorization=f"Bearer {BENCH_KEY}")
+                )
             for c in concurrency:
                 row: dict[str, Any] = {"concurrency": c}
                 for key, (url, where) in targets.items():
+                    script = scripts[key]
                     if warmup > 0:
                         out = workdir / f"wrk-c{c}-{key}-warmup.txt"
                         run_wrk(wrk, script, url, c, warmup, out, phase, f"c={c} {where} (warm-up)")
@@ -240,6 +257,8 @@ def run_overhead(
                     row["otel_cost"] = _cost(row["iros_otel"], through)
                 if cache:
                     row["cache_cost"] = _cost(through, row["iros_cache_off"])
+                if ratelimit_redis:
+                    row["ratelimit_cost"] = _cost(row["iros_ratelimit_redis"], row["iros_keyed"])
                 results.append(row)
             if cache:
                 memory |= {
@@ -254,7 +273,7 @@ def run_overhead(
                 otel_proc.stop()
                 otlp = {"export_requests": dict(receiver.requests), "bytes": receiver.bytes}
         finally:
-            for child in (otel_proc, off_proc, bare_proc, iros_proc, nginx_proc):
+            for child in (*extra, otel_proc, off_proc, bare_proc, iros_proc, nginx_proc):
                 if child is not None:
                     child.stop()
 
@@ -297,6 +316,34 @@ def _cost(with_it: dict[str, Any], without: dict[str, Any]) -> dict[str, Any]:
             with_it["cpu_us_per_request"] - without["cpu_us_per_request"], 1
         )
     return cost
+
+
+BENCH_KEY = "sk-bench-ratelimit"
+
+
+def _ratelimit_servers(
+    workdir: Path, upstream_port: int, workers: int, started: list[ChildProcess]
+) -> list[tuple[str, ChildProcess, str]]:
+    """A redis-server, an Iros whose key has no limit and one whose key's limit lives in that Redis."""
+    from iros.testing.redis import RedisServer
+
+    redis = RedisServer().start()
+    started.append(redis)
+    key = f"{{key: {BENCH_KEY}, name: bench"
+    off = f"auth: {{api_keys: [{key}}}]}}\n"
+    # A limit no run reaches: every request is checked in Redis and none is refused.
+    on = (
+        f"auth: {{api_keys: [{key}, requests_per_minute: 1.0e12}}], burst: 1000000000}}\n"
+        f"state: {{backend: redis, url: '{redis.url}'}}\n"
+    )
+    keyed = start_iros(workdir, upstream_port, workers, name="keyed", extra=off)
+    started.append(keyed)
+    limited = start_iros(workdir, upstream_port, workers, name="ratelimit_redis", extra=on)
+    started.append(limited)
+    return [
+        ("iros_keyed", keyed, "through Iros, a key without limit"),
+        ("iros_ratelimit_redis", limited, "through Iros, a key limited in Redis"),
+    ]
 
 
 def _met(results: list[dict[str, Any]]) -> dict[str, bool | None]:

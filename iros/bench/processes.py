@@ -167,13 +167,19 @@ def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 
 
 
 def iros_config(
-    port: int, upstream_port: int, data_dir: Path, metrics: bool = True, cache: bool = False
+    port: int,
+    upstream_port: int,
+    data_dir: Path,
+    metrics: bool = True,
+    cache: bool = False,
+    extra: str = "auth: {open: true}\n",
 ) -> str:
+    """`extra`: YAML lines for auth and anything else the run varies (the open default without)."""
     return (
         f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}, "
         # The load generator is one address by design: no per-address connection cap.
         "max_connections_per_address: 0}\n"
-        "auth: {open: true}\n"
+        f"{extra}"
         f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
         # The same request again and again: with the cache on this would measure cache hits (so the cache
         # is on, as configured by default, only for a load whose every prompt differs), and with
@@ -193,10 +199,11 @@ def start_iros(
     name: str = "iros",
     env: dict[str, str] | None = None,
     cache: bool = False,
+    extra: str = "auth: {open: true}\n",
 ) -> ChildProcess:
     port = free_port()
     conf = workdir / f"{name}.yaml"
-    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics, cache))
+    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics, cache, extra))
     cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
     if workers != 1:
         cmd += ["--workers", str(workers)]

@@ -70,11 +70,14 @@ end
 """
 
 
-def wrk_script(distinct: bool = False) -> str:
-    """wrk's script: the same REQUEST each time, or with `distinct`, a new question each time."""
+def wrk_script(distinct: bool = False, authorization: str | None = None) -> str:
+    """wrk's script: the same REQUEST each time, or with `distinct`, a new question each time; with
+    `authorization`, that header on each request."""
     body = orjson.dumps(REQUEST).decode()
     # A Lua long string needs no escaping for JSON.
     script = _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+    if authorization is not None:
+        script = f'wrk.headers["Authorization"] = [[{authorization}]]\n' + script
     if not distinct:
         return script
     # The prompt's place in the JSON body: what orjson writes for a NUL character.

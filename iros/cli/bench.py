@@ -61,6 +61,10 @@ def bench_overhead(
             "(a miss), and an Iros with the cache off under the same load in the same run"
         ),
     ] = "off",
+    ratelimit_redis: Annotated[
+        bool,
+        typer.Option(help="also run a keyed Iros with and without its rate limit checked in Redis (state)"),
+    ] = False,
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -88,6 +92,7 @@ def bench_overhead(
             iros_workers=workers,
             otel=otel,
             cache=cache == "default",
+            ratelimit_redis=ratelimit_redis,
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
@@ -361,3 +366,21 @@ def bench_soak(
     except BenchError as exc:
         raise fail(str(exc)) from None
     print_json(result, output)
+
+
+@bench_app.command("state")
+def bench_state(
+    changes: Annotated[int, typer.Option(min=1, max=10_000, help="settings changed, one after another")] = 40,
+    replicas: Annotated[int, typer.Option(min=1, max=8, help="Iros replicas sharing one Redis")] = 2,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="workers per replica")] = 2,
+) -> None:
+    """How long a live setting takes from the worker that changed it to every other (P50/P99)."""
+    with _needs_extras("state"):
+        from iros.bench.processes import BenchError
+        from iros.bench.state import run_state
+
+    try:
+        result = run_state(changes=changes, replicas=replicas, workers=workers)
+    except BenchError as exc:
+        raise fail(str(exc)) from None
+    print_json(result)

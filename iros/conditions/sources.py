@@ -69,9 +69,7 @@ class LiveSource:
 
     @classmethod
     def of(cls, monitor: Monitor, kpi_window: float = DEFAULT_KPI_WINDOW) -> LiveSource:
-        return cls(
-            lambda: monitor.collector.frames, lambda: monitor.sampler.latest, monitor.store, kpi_window
-        )
+        return cls(monitor.frames, lambda: monitor.sampler.latest, monitor.store, kpi_window)
 
     def window(self, metrics: Iterable[str], seconds: float, now: float, match: Match = ()) -> kpi.Sketches:
         """One merged sketch per series of `metrics` (labels matching `match`) in [now - seconds, now].

@@ -434,6 +434,22 @@ class ReportsSettings(Strict):
     keep: int = Field(400, ge=1, le=100_000, description="reports kept per kind, oldest dropped first")
 
 
+class StateSettings(Strict):
+    """Live state every worker shares (iros/state/): settings, rules, alert state, rate limits, the one
+    evaluator, the live numbers. local: one host's workers, through server.data_dir; redis: a cluster."""
+
+    backend: Literal["local", "redis"] = "local"
+    url: str | None = Field(None, description="redis://host:6379/0 for the redis backend")
+    prefix: str = Field("iros:state", description="Redis key prefix shared by the replicas")
+    timeout_seconds: float = Field(0.5, gt=0, le=10, description="one Redis call; then it counts as down")
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateSettings:
+        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("state.backend redis needs state.url, e.g. redis://127.0.0.1:6379/0")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IROS_",
@@ -453,6 +469,7 @@ class Settings(BaseSettings):
     live_alerting: LiveAlertingSettings | None = Field(None, description="the seed's Live Alerting block")
     optimization: OptimizationSettings = Field(default_factory=OptimizationSettings)
     reports: ReportsSettings = Field(default_factory=ReportsSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -66,6 +66,7 @@ class Gateway:
         guard: KeyGuard | None = None,
         tracing: Callable[[bytes | None], TraceContext] | None = None,
         budgets: Budgets | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         # Set only while traces are exported (OTEL_*): the request's trace from the client's traceparent.
@@ -76,7 +77,7 @@ class Gateway:
         self.keyring = keyring
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
-        self.ratelimit = RateLimiter(settings.auth.burst)
+        self.ratelimit = limiter or RateLimiter(settings.auth.burst)
         # Wrong keys slow their address down (the other routes share it through KeyGuardMiddleware).
         self.guard = guard or KeyGuard()
         self.observers: list[Observer] = []
@@ -130,7 +131,7 @@ class Gateway:
             if guard.active:
                 guard.passed(_address(scope), authorization)
             record.principal = principal.name
-            self.ratelimit.check(principal)
+            await self.ratelimit.check(principal)
             if self.budgets is not None:
                 self.budgets.check(principal)
             spans.lap("auth")

@@ -141,6 +141,11 @@ class Exposition:
             "request records dropped because the collector fell behind",
             registry=self.registry,
         )
+        self.state_fallbacks = Counter(
+            "iros_ratelimit_fallback",
+            "requests rate-limited by this worker alone (limit / workers) while the shared state was down",
+            registry=self.registry,
+        )
         if not self.multiprocess_dir:
             ProcessCollector(registry=self.registry)
         self._children: dict[tuple[str, tuple[str, ...]], MetricWrapperBase] = {}

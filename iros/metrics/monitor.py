@@ -1,8 +1,9 @@
 """Monitoring, assembled: the store, the Prometheus exposition, the collector, the sampler, the live hub.
 
-monitor = Monitor(settings, admission)
+monitor = Monitor(settings, admission, shared=shared)   # shared: every worker's live numbers
 gateway.observers.append(monitor.collector.observe)
 await monitor.start(); monitor.current(60); await monitor.close()
+monitor.frames()                                       # the live window: every worker's frames
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 from iros.config import MetricsSettings, Settings
 from iros.core.admission import Admission
 from iros.metrics import kpi
-from iros.metrics.collector import LIVE_WINDOW_SECONDS, Collector
+from iros.metrics.cluster import ClusterFrames
+from iros.metrics.collector import LIVE_WINDOW_SECONDS, Collector, Frame
 from iros.metrics.exposition import Exposition
 from iros.metrics.live import LiveHub
 from iros.metrics.sampler import SystemSampler
 from iros.metrics.store import MetricsStore
+from iros.state.sync import SharedState
 
 
 def build_store(settings: MetricsSettings, data_dir: Path) -> MetricsStore:
@@ -40,7 +43,13 @@ def build_store(settings: MetricsSettings, data_dir: Path) -> MetricsStore:
 
 
 class Monitor:
-    def __init__(self, settings: Settings, admission: Admission, store: MetricsStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        admission: Admission,
+        store: MetricsStore | None = None,
+        shared: SharedState | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = settings.metrics_collection
         self.data_dir = Path(settings.server.data_dir)
@@ -59,6 +68,7 @@ class Monitor:
         self.accuracy: dict[str, float | None] = {}
         for m in settings.models:
             self.accuracy.setdefault(m.name, m.accuracy)
+        self.cluster = ClusterFrames(self.collector, shared)
         self.hub = LiveHub(self.live_message)
         self.collector.on_tick(self.hub.publish)
 
@@ -66,8 +76,10 @@ class Monitor:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.start()
         await self.collector.start()
+        await self.cluster.start()
 
     async def close(self) -> None:
+        await self.cluster.close()
         await self.collector.close()
         await self.store.close()
 
@@ -77,7 +89,7 @@ class Monitor:
 
     def current(self, seconds: float = 60.0) -> dict[str, Any]:
         seconds = min(max(seconds, 1.0), LIVE_WINDOW_SECONDS)
-        sketches = kpi.window(self.collector.frames, time.time() - seconds)
+        sketches = kpi.window(self.frames(), time.time() - seconds)
         accuracy = self.accuracy if self.collector.per_model else {"all": None}
         return kpi.compute(
             sketches,
@@ -87,6 +99,10 @@ class Monitor:
             accuracy,
             self.sections,
         )
+
+    def frames(self) -> list[Frame]:
+        """The live window of every worker (this one alone without shared state)."""
+        return self.cluster.frames()
 
     def live_message(self) -> dict[str, Any]:
         report = self.current(60.0)

@@ -13,6 +13,7 @@ one value per Python call, which would cap ingest far below what the store must 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -100,6 +101,18 @@ class Sketch:
     @property
     def avg(self) -> float | None:
         return self.sum / self.count if self.count else None
+
+    def to_data(self) -> list[Any]:
+        """Plain data (JSON) that from_data() turns back into an equal sketch: another worker's frame."""
+        return [self._offset, self._counts.tolist(), self.zeros, self.count, self.sum, self.min, self.max]
+
+    @classmethod
+    def from_data(cls, data: list[Any]) -> Sketch:
+        sketch = cls()
+        offset, counts, sketch.zeros, sketch.count, sketch.sum, low, high = data
+        sketch.min, sketch.max = float(low), float(high)
+        sketch._counts, sketch._offset = np.asarray(counts, dtype=np.int64), int(offset)
+        return sketch
 
     @classmethod
     def from_buckets(

@@ -9,6 +9,10 @@ await optimizer.compare()                # each action's KPIs before and after (
 A rule is the seed's {name, trigger: "cpu_usage > 7.0 for 5m", actions: [...]}; the trigger is read by
 iros.conditions (the language alert rules use too). In dry-run mode rules are evaluated and audited as
 "would_apply"/"would_revert", and nothing changes.
+
+With several workers only the holder of the shared lease (`leadership`) evaluates; the rules, the mode and
+each rule's state go to every worker as the shared document "optimizer", so a worker that takes over
+reverts what its predecessor applied, and every worker answers GET /api/optimization/rules alike.
 """
 
 from __future__ import annotations
@@ -29,16 +33,17 @@ from iros.metrics import kpi
 from iros.metrics.monitor import Monitor
 from iros.metrics.store import Samples
 from iros.optimization.actionlog import FILENAME, ActionLog
-from iros.optimization.tuning import Tuning, floor_threshold
+from iros.optimization.actions import action_changes
+from iros.optimization.tuning import Tuning
 from iros.routing.router import Router
+from iros.state.lease import Leadership
+from iros.state.sync import SharedState
 
 log = logging.getLogger("iros.optimizer")
 
 MAINTAIN_SECONDS = 0.5  # queue gauges; resource attribution and feedback every ATTRIBUTE_SECONDS
 ATTRIBUTE_SECONDS = 5.0
 WARM_BATCH = 20  # frequent misses warmed per evaluation while cache warming is on
-THRESHOLD_STEP = 0.05  # adjust_cache_similarity_threshold lowers the threshold this much
-UNMEASURED_THRESHOLD_DROP = 0.10  # without a verifier curve, at most this far below the configured one
 KPI_KEYS = (
     "count",
     "throughput_rps",
@@ -49,55 +54,6 @@ KPI_KEYS = (
     "cpu_usage_avg",
 )
 MAX_KPI_WINDOW = 300.0  # the collector's live window
-
-
-def action_changes(action: str, tuning: Tuning) -> tuple[dict[str, Any], str | None]:
-    """The live settings one seed action sets, from their current values; a note when it cannot."""
-
-    def has(name: str) -> bool:
-        return tuning.available(name)
-
-    match action:
-        case "enable_aggressive_caching":
-            if not has("cache.max_temperature"):
-                return {}, "the cache is off"
-            ttl = tuning.get("cache.ttl_seconds")
-            # Cache sampled answers too, and keep every answer four times as long.
-            return {"cache.max_temperature": 2.0, "cache.ttl_seconds": ttl * 4 if ttl else ttl}, None
-        case "switch_to_lightweight_models":
-            return {"models.lightweight_only": True}, None
-        case "increase_batch_size":
-            if not has("embedder.max_batch"):
-                return {}, "no embedder (the semantic cache is off)"
-            return {"embedder.max_batch": min(1024, tuning.get("embedder.max_batch") * 2)}, None
-        case "adjust_cache_similarity_threshold":
-            if not has("cache.similarity_threshold"):
-                return {}, "the cache is off"
-            cache = tuning.cache
-            assert cache is not None  # has() said the cache is on
-            current = tuning.get("cache.similarity_threshold")
-            curve = getattr(cache.verifier, "curve", None) if cache.verifier is not None else None
-            lowest = (
-                floor_threshold(cache)
-                if curve
-                else cache.settings.similarity_threshold - UNMEASURED_THRESHOLD_DROP
-            )
-            target = round(max(current - THRESHOLD_STEP, lowest), 4)
-            if target >= current:
-                return {}, f"the threshold {current} is at the precision floor's {lowest:.3f}"
-            return {"cache.similarity_threshold": target}, None
-        case "enable_cache_warming":
-            if not has("cache.warming"):
-                return {}, "the cache is off"
-            return {"cache.warming": True}, None
-        case "increase_cache_size":
-            if not has("cache.max_memory_mb"):
-                return {}, "the cache is off"
-            return {
-                "cache.max_memory_mb": tuning.get("cache.max_memory_mb") * 2,
-                "cache.max_entries": tuning.get("cache.max_entries") * 2,
-            }, None
-    raise ValueError(f"unknown action {action!r}")
 
 
 @dataclass
@@ -135,6 +91,19 @@ class RuleState:
         }
 
 
+_SHARED_FIELDS = ("fired_at", "dry", "clear_since", "changes", "audit_id", "kpis_before")
+
+
+def _state_of(state: RuleState) -> dict[str, Any]:
+    return {f: getattr(state, f) for f in _SHARED_FIELDS}
+
+
+def _restore(state: RuleState, shared: dict[str, Any]) -> None:
+    for f in _SHARED_FIELDS:
+        if f in shared:
+            setattr(state, f, shared[f])
+
+
 def compile_rule(rule: OptimizationRule) -> RuleState:
     """Raises ConditionError for a trigger the condition language does not accept."""
     condition = parse_condition(rule.trigger)
@@ -153,6 +122,8 @@ class Optimizer:
         source: Source | None = None,
         actionlog: ActionLog | None = None,
         clock: Callable[[], float] = time.time,
+        leadership: Leadership | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         auto = settings.optimization.auto_optimization
         self.settings = settings
@@ -173,6 +144,14 @@ class Optimizer:
         self._harvested_at = 0.0
         tuning.listeners.append(self._changed_by_hand)
         self._own_change = False
+        self.leadership = leadership
+        self.shared = shared
+        if shared is not None:
+            shared.register("optimizer", self.shared_view, self.apply_shared)
+
+    @property
+    def leader(self) -> bool:
+        return self.leadership is None or self.leadership.leader
 
     # --- rules --------------------------------------------------------------------------------
     def rules_status(self) -> dict[str, Any]:
@@ -198,17 +177,46 @@ class Optimizer:
             if previous is not None:
                 previous.rule = state.rule
         for gone in old.values():
-            if gone.fired_at is not None:
+            if gone.fired_at is not None and self.leader:
                 await self._revert(gone, self.clock(), "rule removed or changed")
         self.states = kept
 
     async def set_dry_run(self, dry_run: bool) -> None:
-        if dry_run and not self.dry_run:
+        if dry_run and not self.dry_run and self.leader:
             # Going dry: take back what was really applied, so nothing stays changed unseen.
             for state in self.states:
                 if state.fired_at is not None and not state.dry:
                     await self._revert(state, self.clock(), "dry-run mode switched on")
         self.dry_run = dry_run
+
+    # --- shared with the other workers --------------------------------------------------------
+    def shared_view(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "dry_run": self.dry_run,
+            "cooldown_seconds": self.cooldown,
+            "rules": [s.rule.model_dump(mode="json") for s in self.states],
+            "states": {s.rule.name: _state_of(s) for s in self.states},
+        }
+
+    async def apply_shared(self, view: dict[str, Any]) -> None:
+        rules = [OptimizationRule.model_validate(r) for r in view["rules"]]
+        if self.leader:
+            # Another worker's API change: the leader reverts what it removes; its own states stand.
+            await self.replace_rules(rules)
+            await self.set_dry_run(bool(view["dry_run"]))
+        else:
+            self.states = [compile_rule(r) for r in rules]
+            for state in self.states:
+                _restore(state, view["states"].get(state.rule.name) or {})
+            self.dry_run = bool(view["dry_run"])
+        self.enabled = bool(view["enabled"])
+        self.cooldown = float(view["cooldown_seconds"])
+
+    async def publish(self) -> None:
+        """Send the rules, mode and states to every other worker (after a change made here)."""
+        if self.shared is not None:
+            await self.shared.publish("optimizer")
 
     async def tick(self, now: float | None = None) -> None:
         """Evaluate every rule once: apply what fires, revert what has been clear for the cool-down."""
@@ -335,7 +343,7 @@ class Optimizer:
                 return {}
             flat = self.source.kpis(until)
             return {k: flat.get(k) for k in KPI_KEYS}
-        frames = [f for f in self.monitor.collector.frames if f.at <= until]
+        frames = [f for f in self.monitor.frames() if f.at <= until]
         seconds = max(until - since, 1.0)
         report = kpi.response_kpis(kpi.window(frames, since), seconds)
         return {"window_seconds": round(seconds, 3), **{k: report.get(k) for k in KPI_KEYS}}
@@ -388,7 +396,11 @@ class Optimizer:
         self.log.close()
 
     async def evaluate(self) -> None:
-        await self.tick()
+        if self.leader:
+            before = [_state_of(s) for s in self.states]
+            await self.tick()
+            if [_state_of(s) for s in self.states] != before:
+                await self.publish()
         if self.tuning.cache_warming:
             await self.warm()
 

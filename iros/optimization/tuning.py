@@ -7,7 +7,10 @@ changed["cache.similarity_threshold"]               # {"before": 0.8, "after": 0
 tuning.snapshot()                                   # every value, by name
 
 Every change goes through `set`, which validates it, applies it to the live part and tells the
-listeners (the optimizer's audit log records them).
+listeners (the optimizer's audit log records them; the shared state sends it to every other worker).
+
+tuning.shared_value("cache.similarity_threshold")    # {"value": 0.85}: one setting, for the other workers
+await tuning.apply_shared("cache.similarity_threshold", {"value": 0.85})  # quietly (audited where made)
 """
 
 from __future__ import annotations
@@ -138,8 +141,11 @@ class Tuning:
         return {name: self.get(name) for name in KNOBS if self.available(name)}
 
     # --- changing -----------------------------------------------------------------------------
-    async def set(self, changes: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
-        """Validate every change first, then apply them all; returns before and after per name."""
+    async def set(
+        self, changes: dict[str, Any], source: str, *, quiet: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Validate every change first, then apply them all; returns before and after per name.
+        `quiet`: tell no listener (a change another worker made, audited and shared there)."""
         values: dict[str, Any] = {}
         for name, value in changes.items():
             knob = KNOBS.get(name)
@@ -162,12 +168,20 @@ class Tuning:
             s = self.cache.settings
             await self.cache.store.set_limits(s.max_entries, int(s.max_memory_mb * 2**20), s.ttl_seconds)
         changed = {k: v for k, v in out.items() if v["before"] != v["after"]}
-        if changed:
+        if changed and not quiet:
             for listener in self.listeners:
                 result = listener(source, changed)
                 if inspect.isawaitable(result):
                     await result
         return out
+
+    # One shared document per setting: changes of two settings made at once on two workers both stand.
+    def shared_value(self, name: str) -> dict[str, Any]:
+        return {"value": self.get(name)}
+
+    async def apply_shared(self, name: str, body: dict[str, Any]) -> None:
+        if self.available(name) and self.get(name) != body.get("value"):
+            await self.set({name: body.get("value")}, "shared", quiet=True)
 
     def _apply(self, name: str, value: Any) -> None:
         match name:
