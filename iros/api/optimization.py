@@ -264,7 +264,9 @@ class CacheTuningAPI(AdminAPI):
     async def tune(self, request: Request) -> Response:
         self._admin(request)
         known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
-        body = {k: v for k, v in (await self._json_object(request)).items() if k not in _CACHE_STATUS}
+        # Whatever GET reports besides the settings is read-only here, new counters included.
+        reported = (_CACHE_STATUS | set(await self.cache.stats())) - known
+        body = {k: v for k, v in (await self._json_object(request)).items() if k not in reported}
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
         settings = self.cache.settings
