@@ -8,7 +8,8 @@ GET  /api/optimization/rules
 PUT  /api/optimization/rules                    {"rules": [...], "dry_run": true, "cooldown_seconds": 60}
 GET  /api/optimization/settings                 every live setting by name
 GET  /api/optimization/audit?limit=100          every change: rule, time, before and after
-PUT  /api/optimization/cache/tune              {target_hit_rate, max_memory_mb, similarity_threshold, ttl}
+PUT  /api/optimization/cache/tune              {max_false_hit_rate, target_hit_rate, max_memory_mb,
+                                               similarity_threshold, ttl}
 POST /api/optimization/cache/warm              {"prompts": [...], "model": "...", "params": {...}}
                                                 or {"from_misses": 20}
 GET  /api/optimization/cache                   DELETE /api/optimization/cache[?namespace=]
@@ -36,7 +37,7 @@ from iros.core.errors import IrosError, bad, error_path
 from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
 from iros.optimization.optimizer import Optimizer
-from iros.optimization.tuning import Tuning, floor_threshold
+from iros.optimization.tuning import Tuning, floor_threshold, precision_floor
 
 MAX_AUDIT = 1000
 TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
@@ -216,12 +217,17 @@ class CacheTuningAPI(AdminAPI):
     async def tune(self, request: Request) -> Response:
         self._admin(request)
         body = await self._json_object(request)
-        known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
+        known = {"max_false_hit_rate", "target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
-        settings = self.cache.settings
         changes: dict[str, Any] = {}
         notes: list[str] = []
+        if "max_false_hit_rate" in body:
+            # δ first: the floor that target_hit_rate may not pass follows from it.
+            delta = _number(body, "max_false_hit_rate", 0.001, 0.5)
+            await self._set({"cache.max_false_hit_rate": delta})
+            changes["max_false_hit_rate"] = delta
+        precision = precision_floor(self.cache)
         floor = self.floor_threshold()
         if "similarity_threshold" in body:
             value = _number(body, "similarity_threshold", 0.0, 1.0)
@@ -230,22 +236,30 @@ class CacheTuningAPI(AdminAPI):
             if value < floor:
                 notes.append(
                     f"similarity_threshold {value} is below {floor:.3f}, where the verifier's measured "
-                    f"precision falls under the floor {settings.precision_floor}"
+                    f"precision falls under the floor {precision:.3f}; the cut still follows from "
+                    "max_false_hit_rate"
                 )
         if "target_hit_rate" in body:
             target = _number(body, "target_hit_rate", 0.0, 1.0)
             stats = await self.cache.stats()
             current = stats["hit_rate"]
             before = self.cache.threshold
+            measured = self.cache.verification_report()
             if current is None:
                 notes.append("no lookups yet: the threshold stays until there is a hit rate to compare")
+            elif current < target and measured.get("above_bound"):
+                notes.append(
+                    f"hit rate {current} is under the target {target}, but the measured false-hit rate's "
+                    f"upper bound {measured['interval'][1]} is above max_false_hit_rate "
+                    f"{self.cache.calibration.delta}: the threshold stays"
+                )
             elif current < target:
                 # More hits means a lower threshold, but never below the precision floor's threshold.
                 await self._set({"cache.similarity_threshold": max(round(before - TUNE_STEP, 4), floor)})
                 if self.cache.threshold == before:
                     notes.append(
                         f"hit rate {current} is under the target {target}, but the threshold is at the "
-                        f"precision floor ({settings.precision_floor}); more hits need more entries "
+                        f"precision floor ({precision:.3f}); more hits need more entries "
                         "(warming, longer TTL, more memory), not a looser match"
                     )
             elif current > target + 0.05:
@@ -269,7 +283,8 @@ class CacheTuningAPI(AdminAPI):
             {
                 "applied": changes,
                 "similarity_threshold": self.cache.threshold,
-                "precision_floor": settings.precision_floor,
+                "precision_floor": precision,
+                "max_false_hit_rate": self.cache.calibration.delta,
                 "floor_threshold": floor,
                 "notes": notes,
             }

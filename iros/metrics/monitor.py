@@ -8,6 +8,7 @@ await monitor.start(); monitor.current(60); await monitor.close()
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ class Monitor:
         for m in settings.models:
             self.accuracy.setdefault(m.name, m.accuracy)
         self.hub = LiveHub(self.live_message)
+        # KPIs read from other parts at evaluation time (app.py registers the cache's), by name.
+        self.extra_kpis: dict[str, Callable[[], float | None]] = {}
         self.collector.on_tick(self.hub.publish)
 
     async def start(self) -> None:
