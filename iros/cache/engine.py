@@ -352,7 +352,15 @@ class ResponseCache:
         if prior is not None:
             for (namespace, model), scope in self.calibration.scopes.items():
                 scopes.append({"namespace": namespace, "model": model, **scope.report(prior)})
-        pooled = self.calibration.pooled(prior) if prior is not None else {}
+        # Without a verifier (semantic matching off) nothing is served by meaning, so nothing is verified.
+        none = {
+            "false_hit_rate": None,
+            "interval": None,
+            "verified": 0,
+            "trusted": False,
+            "above_bound": False,
+        }
+        pooled = self.calibration.pooled(prior) if prior is not None else none
         settings = self.settings.verification
         return {
             "enabled": settings.enabled,
