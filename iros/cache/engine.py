@@ -323,6 +323,10 @@ class ResponseCache:
         if not settings.enabled:
             return False
         share = scope.share(prior)
+        if not served and settings.judge != "model" and share >= settings.max_share:
+            # A near-miss goes upstream anyway: judging it costs no call (only a model judge would),
+            # so while the scope is uncertain every one is judged.
+            share = 1.0
         if served and self.counts["verification_call"] + 1 > settings.max_share * self.counts["would_be_hit"]:
             return False
         if share <= 0 or not self.calibration.draw(share):

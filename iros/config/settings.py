@@ -251,7 +251,7 @@ class CacheSettings(Strict):
     semantic: bool = True
     verifier: bool = Field(True, description="check a semantic candidate before serving it")
     similarity_threshold: float = Field(
-        0.80, ge=0, le=1, description="cosine similarity a candidate needs before the verifier scores it"
+        0.55, ge=0, le=1, description="cosine similarity a candidate needs before the verifier scores it"
     )
     max_false_hit_rate: float = Field(
         0.05,

@@ -470,10 +470,13 @@ class Verifier:
         raise ValueError(f"no measured operating point reaches precision {precision}")
 
     def cut_for(self, delta: float, tokens: bool = True) -> float:
-        """The prior's cut for δ (the largest share of served hits that may be wrong): the cut measured
-        out of domain for the largest tabled δ not above it, so the bound is never loosened; the
-        tightest tabled cut below the table, and the packaged cut when there is no table."""
+        """The prior's cut for δ (the largest share of served hits that may be wrong): 1 - δ when the
+        trees' scores are the chance of a right hit (cut_rule); else the cut tabled for the largest δ
+        not above it, so the bound is never loosened, or the packaged cut when there is no table."""
         aligned = tokens and self.tokens is not None
+        if self.params.get("cut_rule") == "1 - max_false_hit_rate":
+            # The trees give the chance a hit is right: serve when the chance it is wrong is at most δ.
+            return 1.0 - delta
         if not self.cuts:
             return self.threshold if aligned else self.fallback_threshold
         chosen = self.cuts[0]
