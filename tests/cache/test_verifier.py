@@ -49,7 +49,9 @@ def verifier() -> Verifier:
 @pytest.fixture(scope="module")
 async def embedder() -> AsyncIterator[LocalEmbedder]:
     # All cores: the test has the machine to itself, unlike a gateway.
-    model = LocalEmbedder(EmbedderSettings(device="cpu", max_batch=128), threads=os.cpu_count())
+    model = LocalEmbedder(
+        EmbedderSettings(device="cpu", max_batch=128, timeout_seconds=120), threads=os.cpu_count()
+    )
     await model.start()
     yield model
     await model.aclose()
