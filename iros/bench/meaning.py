@@ -5,7 +5,7 @@
 
 The upstream (an aiohttp server in the bench's own event loop) answers every question with its label
 group's answer: questions the labels join (a label-1 pair, or a chain of them) get the same text, any
-other question another. The stream asks every distinct text of the pairs once, in a shuffled order; a
+other question another. The stream asks every distinct text of the first pairs once, shuffled; a
 hit is right iff its answer is the question's group's. Cold is the first half of the stream, warm the
 second, when verification has had the first half to calibrate the cut. Beside each half: the best a
 single fixed cosine threshold would have done on the same questions (each question against the texts
@@ -225,15 +225,20 @@ def run_meaning_workload(
     seed: int = 7,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Every distinct text of the pairs (or the first `requests` of them, shuffled) once through
-    `iros serve` with verification on; cold (first half) and warm (second half) figures."""
+    """The distinct texts of the pairs (of the first pairs up to about `requests` texts), shuffled, once
+    each through `iros serve` with verification on; cold (first half) and warm (second half) figures."""
     report = progress or quiet
     if concurrency < 1:
         raise ValueError("concurrency must be 1 or more")
     groups = label_groups(pairs)
-    stream = list(groups)
+    # The texts of the first pairs (both sides, so a paraphrase's partner is in the stream too), shuffled.
+    chosen: dict[str, None] = {}
+    for p in pairs:
+        if requests and len(chosen) >= requests:
+            break
+        chosen[p.a] = chosen[p.b] = None
+    stream = list(chosen)
     random.Random(seed).shuffle(stream)
-    stream = stream[:requests] if requests else stream
     if len(stream) < 4:
         raise ValueError("the pairs hold fewer than 4 distinct texts")
     report("embedding for the fixed-threshold baseline", 0, 1)
