@@ -333,7 +333,10 @@ def test_two_replicas_share_one_redis_cache(
     with RedisServer() as redis:
         store = {"backend": "redis", "url": f"redis://127.0.0.1:{redis.port}/0"}
         configs = [
-            cache_config(upstream, recorder, tmp_path / name, semantic=True, store=store)
+            # δ 0.3: the prior alone serves the paraphrase (as in the `semantic` fixture).
+            cache_config(
+                upstream, recorder, tmp_path / name, semantic=True, store=store, max_false_hit_rate=0.3
+            )
             for name in ("a", "b")
         ]
         env = {"TEST_ADMIN_KEY": ADMIN_KEY}
