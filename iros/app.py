@@ -43,19 +43,25 @@ from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
+from iros.core.schema import OPERATIONS
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
+from iros.gateway.keyguard import KeyGuardMiddleware
 from iros.gateway.pipeline import Gateway
 from iros.gateway.sessions import Sessions
+from iros.gateway.spend import SQLiteSpendStore
 from iros.metrics.exposition import mark_worker_gone
 from iros.metrics.monitor import Monitor
 from iros.optimization.optimizer import Optimizer, compile_rule
 from iros.optimization.tuning import Tuning
+from iros.otel.env import OtelEnv
+from iros.otel.export import Telemetry
 from iros.routing.router import Router
+from iros.server.guards import RequestGuard, bounded_body
 
 log = logging.getLogger("iros")
-CHAT_PATH = "/v1/chat/completions"
 
 
 def check_settings(settings: Settings) -> None:
@@ -86,8 +92,8 @@ def check_settings(settings: Settings) -> None:
 
 
 class IrosApp:
-    """The outer ASGI app: one comparison sends the hot path past all routing; the lifespan starts and
-    stops the parts in order."""
+    """The outer ASGI app: the request guard (iros/server/guards.py), then one comparison sends the hot
+    path past all routing; the lifespan starts and stops the parts in order."""
 
     def __init__(
         self,
@@ -100,6 +106,7 @@ class IrosApp:
         optimizer: Optimizer,
         analysis: AnalysisAPI | None,
         alerts: AlertEngine | None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -109,44 +116,36 @@ class IrosApp:
         self.optimizer = optimizer
         self.analysis = analysis
         self.alerts = alerts
+        self.telemetry = telemetry
+        self._settling: asyncio.Task[None] | None = None
         self.routes = Starlette(
             routes=routes,
-            middleware=[Middleware(SessionCookieMiddleware)],
+            # Wrong keys and sign-ins slow their address (the gateway checks the same guard inline).
+            middleware=[
+                Middleware(KeyGuardMiddleware, guard=gateway.guard),
+                Middleware(SessionCookieMiddleware),
+            ],
             exception_handlers={IrosError: _iros_error, HTTPException: _http_error},
             lifespan=self._lifespan,
         )
+        self.guard = RequestGuard(settings.server, open_mode=settings.auth.open)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and (refusal := self._oversized_headers(scope)):
+        if scope["type"] in ("http", "websocket") and (refusal := self.guard.check(scope)):
             if scope["type"] == "http":
-                reply = Response(refusal.body(), refusal.status, media_type="application/json")
+                reply = Response(
+                    refusal.body(), refusal.status, media_type="application/json", headers=refusal.headers
+                )
                 await reply(scope, receive, send)
             else:
-                await send({"type": "websocket.close", "code": 1009})
+                await send({"type": "websocket.close", "code": 1009 if refusal.status == 431 else 1008})
             return
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
-            await self.gateway(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] in OPERATIONS:
+            await self.gateway(scope, receive, send)  # the gateway bounds the body itself
+        elif scope["type"] == "http":
+            await self.routes(scope, bounded_body(receive, self.settings.server.max_body_bytes), send)
         else:
             await self.routes(scope, receive, send)
-
-    def _oversized_headers(self, scope: Scope) -> IrosError | None:
-        # The HTTP parser (httptools) sets no limit of its own: bound what a request may make us hold.
-        headers = scope["headers"]
-        server = self.settings.server
-        if len(headers) > server.max_headers:
-            return IrosError(
-                431,
-                f"too many request headers: {len(headers)}, at most {server.max_headers}",
-                code="headers_too_large",
-            )
-        size = sum(len(name) + len(value) for name, value in headers)
-        if size > server.max_header_bytes:
-            return IrosError(
-                431,
-                f"request headers too large: {size} bytes, at most {server.max_header_bytes}",
-                code="headers_too_large",
-            )
-        return None
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -175,28 +174,46 @@ class IrosApp:
             await self._stop_parts()
 
     async def _start_parts(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.start()
         if self.monitor is not None:
             await self.monitor.start()
         if self.cache is not None:
             await asyncio.to_thread(Path(self.settings.server.data_dir).mkdir, parents=True, exist_ok=True)
             await self.cache.start()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.start()
         await self.optimizer.start()
         if self.analysis is not None:
             await self.analysis.start()
         if self.alerts is not None:
             await self.alerts.start()
+        if self.monitor is not None:
+            self._settling = asyncio.create_task(self._settle(self.monitor))
+
+    async def _settle(self, monitor: Monitor) -> None:
+        # The CPU KPI is the gateway's load: it counts once start-up work (the embedding model) is over.
+        if self.cache is not None:
+            await self.cache.semantic_started(within=600.0)
+        monitor.collector.started()
 
     async def _stop_parts(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
             await self.analysis.close()
         await self.optimizer.close()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.close()
         if self.cache is not None:
             await self.cache.close()
         if self.monitor is not None:
             await self.monitor.close()
             mark_worker_gone()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         await self.router.aclose()
 
 
@@ -235,6 +252,8 @@ def create_app(settings: Settings) -> IrosApp:
         # Each embedding call's time becomes the `embedding` stage of bottleneck analysis.
         note_stage = monitor.collector.note_stage if monitor is not None else None
         cache = build_cache(settings.cache, data_dir, note_stage)
+        if monitor is not None:
+            cache.on_skip = monitor.exposition.cache_skipped.inc
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
     router = Router(
@@ -243,14 +262,29 @@ def create_app(settings: Settings) -> IrosApp:
         live=tuning,
         queue_timeout=server.queue_timeout_seconds,
     )
-    gateway = Gateway(settings, router, keyring, admission, cache)
+    # What each key spends (the ledger in data_dir, shared by a host's workers) against its budget.
+    on_share = None
+    if monitor is not None:
+        gauge = monitor.collector.gauge
+
+        def on_share(key: str, share: float) -> None:
+            gauge("budget_used_ratio", (("key", key),), share)
+
+    budgets = Budgets(keyring.budgets, SQLiteSpendStore(data_dir / "spend.db"), on_share)
+    # OpenTelemetry only when the standard OTEL_* variables ask for it: otherwise the SDK is not imported.
+    otel_env = OtelEnv.read(os.environ)
+    telemetry = Telemetry(otel_env, settings) if otel_env is not None else None
+    tracing = telemetry.start_trace if telemetry is not None and telemetry.traces else None
+    gateway = Gateway(settings, router, keyring, admission, cache, budgets=budgets, tracing=tracing)
+    if telemetry is not None:
+        gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
     if cache is not None:
         _wire_verification(settings, cache, gateway, monitor)
     optimizer = Optimizer(settings, tuning, router, gateway=gateway, monitor=monitor)
 
-    system = SystemAPI(settings, router, admission, keyring, monitor, CHAT_PATH)
+    system = SystemAPI(settings, router, admission, keyring, monitor)
     routes = system.routes()
     analysis = alerts = None
     if monitor is not None:
@@ -272,7 +306,7 @@ def create_app(settings: Settings) -> IrosApp:
     routes += OptimizationAPI(optimizer, keyring).routes()
     routes += OptimizationComparisonAPI(optimizer, keyring).routes()
     # The dashboard: its page, login form and assets; its session cookie works on every route.
-    routes += DashboardPages(keyring).routes()
+    routes += DashboardPages(keyring, secure_cookie=server.secure_cookie).routes()
     return IrosApp(
         settings,
         gateway,
@@ -282,6 +316,7 @@ def create_app(settings: Settings) -> IrosApp:
         optimizer=optimizer,
         analysis=analysis,
         alerts=alerts,
+        telemetry=telemetry,
     )
 
 

@@ -7,6 +7,7 @@ rules = parse_rules(body["alert_rules"], settings.alerting)   # PUT: raises Rule
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,13 +128,42 @@ def cache_rule(alerting: AlertingSettings) -> AlertRuleSettings:
 
 
 def configured_rules(settings: Settings) -> list[AlertRuleSettings]:
-    """alerting.alert_rules, then the seed's live_alerting rules not named there."""
+    """alerting.alert_rules, then the seed's live_alerting rules and the budget rules not named there."""
     rules = list(settings.alerting.alert_rules)
     live = settings.live_alerting
+    extra = budget_rules(settings)
     if live is not None and live.enabled:
-        names = {r.name for r in rules}
-        rules += [r for r in live.alert_rules if r.name not in names]
-    return rules
+        extra = [*live.alert_rules, *extra]
+    names = {r.name for r in rules}
+    return rules + [r for r in extra if r.name not in names]
+
+
+BUDGET_ALERT_SHARE = 0.8
+
+
+def budget_rules(settings: Settings) -> list[AlertRuleSettings]:
+    """One warning per key with a budget, once it has spent 80% of it this period (gateway/budgets.py
+    records the share as budget_used_ratio{key}); a configured rule of the same name replaces it."""
+    out = []
+    auth = settings.auth
+    for role, entries in (("client", auth.api_keys), ("admin", auth.admin_keys)):
+        for i, entry in enumerate(entries):
+            key = entry.name or f"{role}-{i}"  # the name the key ring gives it
+            if entry.budget is None or '"' in key or "\\" in key:
+                continue
+            out.append(
+                AlertRuleSettings(
+                    name="budget_80_percent_" + re.sub(r"[^A-Za-z0-9_.:-]", "_", key),
+                    condition=f'max(budget_used_ratio{{key="{key}"}}, 1m) >= {BUDGET_ALERT_SHARE}',
+                    severity="warning",
+                    labels={"key": key},
+                    description=(
+                        f"key {key} has spent {BUDGET_ALERT_SHARE:.0%} of its ${entry.budget.usd:g} budget "
+                        f"for this {entry.budget.period}"
+                    ),
+                )
+            )
+    return out
 
 
 def build_rules(

@@ -53,7 +53,7 @@ async def current_capacity(
     process_cpu = await distribution(store, "process_cpu_percent", start, end)
     # CPU per answered request as the collector attributes it (the event loop's CPU shared among the
     # responses by their Iros time): unlike process CPU over request rate, idle work is not charged.
-    per_response = await distribution(store, "cpu_usage_percent", start, end)
+    per_response = await distribution(store, "cpu_per_response_percent", start, end)
     cpu_ms = (
         per_response.mean / 100 * latency.mean if per_response.mean is not None and latency.mean else None
     )

@@ -20,15 +20,17 @@ _LABELS = {
     "total_requests": "requests",
     "avg_response_time": "average response time (ms)",
     "p95_response_time": "p95 response time (ms)",
-    "cpu_usage_avg": "CPU per response (%)",
+    "cpu_usage_avg": "Iros CPU, share of the machine (%)",
     "cache_hit_rate": "cache hit rate",
     "error_rate": "error rate",
     "memory_usage_avg": "host memory (%)",
     "gpu_utilization_avg": "GPU utilisation (%)",
+    "cost_usd": "cost (USD)",
+    "cost_saved_usd": "saved by the cache (USD)",
 }
 _CHARTS = {
     "response_time": "Response time, mean per interval (ms)",
-    "cpu_usage": "CPU per response, mean per interval (%)",
+    "cpu_usage": "Iros CPU, share of the machine, mean per interval (%)",
     "cache_performance": "Cache hit rate per interval",
     "error_rate": "Error rate per interval",
     "memory_usage": "Host memory per interval (%)",
@@ -50,8 +52,16 @@ def render_table(report: dict[str, Any], console: Console) -> None:
     summary.add_column("previous period", justify="right")
     before = body.get("previous_summary") or {}
     for key, label in _LABELS.items():
-        summary.add_row(label, _fmt(body["summary"].get(key)), _fmt(before.get(key)))
+        if key in body["summary"]:
+            summary.add_row(label, _fmt(body["summary"].get(key)), _fmt(before.get(key)))
     console.print(summary)
+    for group, rows in _cost_groups(body):
+        costs = Table(title=f"Cost by {group}")
+        for column in (group, "requests", "cost (USD)", "saved (USD)", "input tokens", "output tokens"):
+            costs.add_column(column, justify="left" if column == group else "right")
+        for row in rows:
+            costs.add_row(*(_fmt(v) for v in row))
+        console.print(costs)
     trends = Table(title="Trends (Mann-Whitney U test of per-interval values against the previous period)")
     for column in ("metric", "trend", "median now", "median before", "p-value", "intervals"):
         trends.add_column(column)
@@ -69,6 +79,20 @@ def render_table(report: dict[str, Any], console: Console) -> None:
     console.print("[bold]Recommendations[/]")
     for line in body["recommendations"]:
         console.print(f"  • {line}", highlight=False)
+
+
+def _cost_groups(body: dict[str, Any]) -> list[tuple[str, list[list[Any]]]]:
+    """The report's cost tables (by key, by model) as rows; none when nothing was priced."""
+    costs = body.get("costs") or {}
+    out = []
+    for group in ("key", "model"):
+        rows = [
+            [g[group], g["requests"], g["cost_usd"], g["saved_usd"], g["input_tokens"], g["output_tokens"]]
+            for g in costs.get(f"by_{group}") or []
+        ]
+        if rows:
+            out.append((group, rows))
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -111,6 +135,14 @@ def write_html(report: dict[str, Any], path: Path) -> None:
         f"<tr><td>{html.escape(label)}</td><td>{_fmt(body['summary'].get(k))}</td>"
         f"<td>{_fmt((body.get('previous_summary') or {}).get(k))}</td></tr>"
         for k, label in _LABELS.items()
+        if k in body["summary"]
+    )
+    cost_tables = "".join(
+        f"<h2>Cost by {group}</h2><table><tr><th>{group}</th><th>requests</th><th>cost (USD)</th>"
+        "<th>saved (USD)</th><th>input tokens</th><th>output tokens</th></tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+        + "</table>"
+        for group, rows in _cost_groups(body)
     )
     trend_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td class='{t['direction']}'>{t['direction']}</td>"
@@ -128,6 +160,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}.improving{{color:green}}.degradin
 .stable{{color:#06c}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <h2>Summary</h2><table><tr><th>figure</th><th>this period</th><th>previous period</th></tr>{rows}</table>
+{cost_tables}
 <h2>Trends</h2><p>Mann-Whitney U test of per-interval values against the previous period (p &lt; 0.05).</p>
 <table><tr><th>metric</th><th>trend</th><th>median now</th><th>median before</th><th>p</th></tr>
 {trend_rows}</table>

@@ -1,7 +1,9 @@
 """Daily and weekly performance reports: summary, trends tested against the previous period, advice.
 
-report = await build_report("daily", store, end=time.time(), targets=settings.performance_targets)
+report = await build_report("daily", store, end=time.time(), targets=settings.performance_targets,
+                            spend=SQLiteSpendStore(data_dir / "spend.db"))   # spend: the cost lines
 report["daily_report"]["trends"]      # {"response_time": "improving", "cpu_usage": "stable", ...}
+report["daily_report"]["costs"]       # {"cost_usd", "saved_usd", "previous_cost_usd", "by_key", "by_model"}
 history = ReportStore(Path("iros-data/reports.db")); await history.save(report); await history.latest("daily")
 
 A trend is "improving" or "degrading" only when a Mann-Whitney U test tells the per-interval values
@@ -27,6 +29,7 @@ from iros.analysis.history import distribution, interval_values, rnd, trend
 from iros.config import Target
 from iros.core.periodic import cancel_all
 from iros.core.timefmt import iso, iso_date, parse_time
+from iros.gateway.spend import SpendStore
 from iros.metrics.store import MetricsStore
 
 log = logging.getLogger("iros.reports")
@@ -121,12 +124,19 @@ async def build_report(
     end: float,
     targets: dict[str, Target],
     max_concurrency: int = 64,
+    spend: SpendStore | None = None,
 ) -> dict[str, Any]:
-    """The seed's report for the period ending at `end`, with the previous period as the baseline."""
+    """The seed's report for the period ending at `end`, with the previous period as the baseline; with
+    the spend ledger, what the period's answers cost and what the cache saved."""
     start, end, step = period_of(kind, end)
     span = end - start
     now = await _measure(store, start, end, step)
     before = await _measure(store, start - span, start, step)
+    costs = await cost_lines(spend, start, end) if spend is not None else None
+    if costs is not None:
+        now["summary"]["cost_usd"], now["summary"]["cost_saved_usd"] = costs["cost_usd"], costs["saved_usd"]
+        before["summary"]["cost_usd"] = costs["previous_cost_usd"]
+        before["summary"]["cost_saved_usd"] = costs["previous_saved_usd"]
     tests: dict[str, Any] = {}
     for name, lower in _LOWER_IS_BETTER.items():
         tests[name] = trend(
@@ -144,7 +154,8 @@ async def build_report(
         "trends": {name: t["direction"] for name, t in tests.items()},
         "trend_tests": tests,
         "top_bottleneck": analysis["top_bottleneck"],
-        "recommendations": recommendations(summary, tests, targets, analysis["top_bottleneck"]),
+        "recommendations": recommendations(summary, tests, targets, analysis["top_bottleneck"], costs),
+        "costs": costs,
         "series": {
             name: {
                 "current": [[iso(ts), rnd(v, 5)] for ts, v in now["series"][name]],
@@ -157,16 +168,61 @@ async def build_report(
     return {f"{kind}_report": body, "kind": kind}
 
 
+async def cost_lines(spend: SpendStore, start: float, end: float) -> dict[str, Any]:
+    """The period's cost and savings by key and by model (costliest first), and the previous period's."""
+    span = end - start
+    by_key = await spend.totals(start, end, "key")
+    by_model = await spend.totals(start, end, "model")
+    before = await spend.totals(start - span, start, "key")
+    return {
+        "cost_usd": round(sum(g["cost_usd"] for g in by_key), 8),
+        "saved_usd": round(sum(g["saved_usd"] for g in by_key), 8),
+        "previous_cost_usd": round(sum(g["cost_usd"] for g in before), 8),
+        "previous_saved_usd": round(sum(g["saved_usd"] for g in before), 8),
+        "by_key": by_key[:20],
+        "by_model": by_model[:20],
+    }
+
+
+def cost_line(costs: dict[str, Any]) -> str | None:
+    """One sentence on the period's spend, or None when nothing was priced."""
+    spent, saved, before = costs["cost_usd"], costs["saved_usd"], costs["previous_cost_usd"]
+    if not spent and not saved:
+        return None
+    change = f", {spent / before - 1:+.0%} on the previous period" if before else ""
+    line = f"answers cost {_usd(spent)}{change}; the cache saved {_usd(saved)}"
+    if costs["by_key"]:
+        top = costs["by_key"][0]
+        line += f"; costliest key {top['key']} ({_usd(top['cost_usd'])})"
+    if costs["by_model"]:
+        top = costs["by_model"][0]
+        line += f", costliest model {top['model']} ({_usd(top['cost_usd'])})"
+    return line
+
+
+def _usd(value: float) -> str:
+    # Cents where there are some; small sums keep their first significant digits.
+    return f"${value:,.4f}" if value >= 0.01 or not value else f"${value:.6f}"
+
+
 def recommendations(
-    summary: dict[str, Any], tests: dict[str, Any], targets: dict[str, Target], top: dict[str, Any] | None
+    summary: dict[str, Any],
+    tests: dict[str, Any],
+    targets: dict[str, Target],
+    top: dict[str, Any] | None,
+    costs: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Advice from the figures: KPIs off target, trends that degraded, the period's top bottleneck."""
+    """Advice from the figures: KPIs off target, trends that degraded, the period's top bottleneck, and
+    what the period cost."""
     out: list[str] = []
+    spent = cost_line(costs) if costs is not None else None
+    if spent is not None:
+        out.append(spent)
     if not summary["total_requests"]:
-        return ["no requests were served in this period: nothing to recommend"]
+        return [*out, "no requests were served in this period: nothing to recommend"]
     checks = (
         ("response_time_ms", "avg_response_time", "average response time", "ms", False),
-        ("cpu_usage_percent", "cpu_usage_avg", "CPU per response", "%", False),
+        ("cpu_usage_percent", "cpu_usage_avg", "Iros CPU utilisation", "%", False),
         ("error_rate", "error_rate", "error rate", "", False),
         ("cache_hit_rate", "cache_hit_rate", "cache hit rate", "", True),
     )
@@ -197,7 +253,7 @@ def recommendations(
             )
     if top is not None:
         out.append(f"top bottleneck: {top['finding']}; {top['recommendation']}")
-    if not out:
+    if len(out) == (spent is not None):
         out.append(
             f"every KPI met its target ({summary['total_requests']} requests, "
             f"{summary['avg_response_time']} ms average) and no trend degraded"

@@ -260,7 +260,8 @@ async def cpu(store: MetricsStore, start: float, end: float, targets: dict[str, 
 
     host = await distribution(store, "cpu_percent", start, end)
     proc = await distribution(store, "process_cpu_percent", start, end)
-    per_response = await distribution(store, "cpu_usage_percent", start, end)
+    usage = await distribution(store, "cpu_usage_percent", start, end)
+    per_response = await distribution(store, "cpu_per_response_percent", start, end)
     step = window_step(end - start, 300)
     load = dict(await interval_values(store, "process_cpu_percent", start, end, step))
     rate = dict(await interval_values(store, "response_time_ms", start, end, step, (), "count"))
@@ -272,11 +273,14 @@ async def cpu(store: MetricsStore, start: float, end: float, targets: dict[str, 
     tr = await _trend(store, "process_cpu_percent", start, end)
     findings = []
     target = targets.get("cpu_usage_percent")
-    if per_response.mean is not None and target is not None:
-        verdict = "over" if per_response.mean > target.target else "within"
+    if usage.mean is not None and target is not None:
+        verdict = "over" if usage.mean > target.target else "within"
         findings.append(
-            f"CPU per response averages {per_response.mean:.2f}%, {verdict} the {target.target:g}% target"
+            f"Iros used {usage.mean:.2f}% of the machine's CPU on average, "
+            f"{verdict} the {target.target:g}% target"
         )
+    if per_response.mean is not None:
+        findings.append(f"CPU time per response averages {per_response.mean:.2f}% of its response time")
     if proc.p95 is not None:
         findings.append(f"the Iros process used {proc.p95:.1f}% of a core at p95 (host {host.p95 or 0:.1f}%)")
     if corr is not None:
@@ -289,6 +293,7 @@ async def cpu(store: MetricsStore, start: float, end: float, targets: dict[str, 
     return {
         "host_cpu_percent": host.json(2),
         "process_cpu_percent": proc.json(2),
+        "cpu_usage_percent": usage.json(3),
         "cpu_per_response_percent": per_response.json(3),
         "load_correlation": rnd(corr, 3),
         "peak_interval": peak_at,

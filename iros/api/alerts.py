@@ -28,6 +28,7 @@ from iros.alerting.store import STATES, Silence
 from iros.api.base import AdminAPI
 from iros.api.params import time_param
 from iros.core.errors import IrosError, bad
+from iros.core.redact import redact_urls
 from iros.core.timefmt import iso
 from iros.gateway.auth import KeyRing, Principal
 
@@ -269,14 +270,12 @@ class AlertAPI(AdminAPI):
         notifier = self.engine.notifier
         stats = notifier.stats()
         outbox = await self.engine.store.outbox_stats()
-        return JSONResponse(
-            {
-                "channels": [
-                    {**describe(c), **stats[name], "outbox": outbox.get(name, {})}
-                    for name, c in notifier.channels.items()
-                ]
-            }
-        )
+        channels = [
+            {**describe(c), **stats[name], "outbox": outbox.get(name, {})}
+            for name, c in notifier.channels.items()
+        ]
+        # Each channel hides its own secrets; a URL's userinfo in an error or a target is hidden here too.
+        return JSONResponse({"channels": redact_urls(channels)})
 
     async def test_channel(self, request: Request) -> Response:
         self._admin(request)

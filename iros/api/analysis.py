@@ -1,6 +1,6 @@
 """The seed's analysis API, /api/analysis/*: profiler, bottlenecks, reports, capacity planning,
-troubleshooting, the comparisons of models and of optimizations, and the cache's hit patterns and
-efficiency.
+troubleshooting, the comparisons of models and of optimizations, the cache's hit patterns and
+efficiency, and costs (the spend ledger, by key or model).
 
 All of it needs the admin key: it shows every tenant's traffic and runs requests on the server's behalf.
 
@@ -81,6 +81,7 @@ class AnalysisAPI(AdminAPI):
             Route(f"{perf}/memory", self.memory, methods=get),
             Route(f"{perf}/gpu", self.gpu, methods=get),
             Route("/api/analysis/compare/models", self.compare_models, methods=get),
+            Route("/api/analysis/costs", self.costs, methods=get),
         ]
         if self.cache is not None:
             routes += [
@@ -181,8 +182,9 @@ class AnalysisAPI(AdminAPI):
 
     # --- reports ------------------------------------------------------------------------------
     async def _generate(self, kind: str, end: float) -> dict[str, Any]:
+        spend = self.gateway.budgets.store if self.gateway.budgets is not None else None
         return await reports.build_report(
-            kind, self.store, end, self.settings.performance_targets, self.gateway.admission.limit
+            kind, self.store, end, self.settings.performance_targets, self.gateway.admission.limit, spend
         )
 
     @staticmethod
@@ -377,6 +379,31 @@ class AnalysisAPI(AdminAPI):
                 "expirations": store.get("expirations"),
                 # The semantic cache's own error rate: estimate, interval, verified count, cut per scope.
                 "verification": stats["verification"],
+            }
+        )
+
+    async def costs(self, request: Request) -> Response:
+        """?start=&end= (or ?window=, default 30d) &group_by=key|model: cost, savings, requests and tokens
+        from the spend ledger, costliest first, with each budgeted key's state."""
+        self._admin(request)
+        group_by = request.query_params.get("group_by", "key")
+        if group_by not in ("key", "model"):
+            raise bad("group_by is key or model", "group_by")
+        start, end = self._range(request, 30 * 86400.0)
+        budgets = self.gateway.budgets
+        if budgets is None:
+            raise IrosError(404, "cost accounting is not running", code="not_found")
+        groups = await budgets.store.totals(start, end, "key" if group_by == "key" else "model")
+        return JSONResponse(
+            {
+                "start": iso(start),
+                "end": iso(end),
+                "group_by": group_by,
+                "cost_usd": round(sum(g["cost_usd"] for g in groups), 8),
+                "saved_usd": round(sum(g["saved_usd"] for g in groups), 8),
+                "requests": sum(g["requests"] for g in groups),
+                "groups": groups,
+                "budgets": budgets.status(),
             }
         )
 

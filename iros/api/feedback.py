@@ -1,6 +1,8 @@
 """Feedback on an answer (client key): POST /api/feedback {"request_id": "...", "score": 0.0-1.0}.
 
-The score moves the answering model's accuracy estimate, which model selection weighs.
+The score moves the answering model's accuracy estimate, which model selection weighs. A client key
+may score only the answers it was given (request ids are random, and another key's id is answered as
+unknown); an admin key may score any.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from iros.api.base import MonitorAPI
 from iros.core.errors import IrosError, bad
+from iros.gateway.auth import Role
 
 
 class FeedbackAPI(MonitorAPI):
@@ -20,7 +23,7 @@ class FeedbackAPI(MonitorAPI):
 
     # --- feedback -----------------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
-        self.keyring.authenticate(request.headers.get("authorization"))
+        principal = self.keyring.authenticate(request.headers.get("authorization"))
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -33,12 +36,14 @@ class FeedbackAPI(MonitorAPI):
         if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
             raise bad("score must be a number from 0 (useless) to 1 (perfect)", "score")
         try:
-            model = self.monitor.collector.feedback(request_id, float(score))
+            # A client key scores only its own answers; an admin any.
+            owner = None if principal.role >= Role.ADMIN else principal.name
+            model = self.monitor.collector.feedback(request_id, float(score), owner)
         except KeyError:
             raise IrosError(
                 404,
-                f"no recent response has request_id {request_id!r} (feedback is kept for the last "
-                "100,000 responses of this process)",
+                f"no recent response to this key has request_id {request_id!r} (feedback is kept for "
+                "the last 100,000 responses of this process)",
                 param="request_id",
                 code="request_not_found",
             ) from None

@@ -45,6 +45,7 @@ def layout(live_interval: float, cache: bool) -> dict[str, Any]:
             "sources": ["/api/analysis/capacity/recommendations", "/api/analysis/bottlenecks"],
         },
         {"type": "model_table", "title": "Model comparison", "source": "/api/analysis/compare/models"},
+        {"type": "cost_table", "title": "Cost", "source": "/api/analysis/costs?group_by=key&window=30d"},
     ]
     if cache:
         analysis.append(

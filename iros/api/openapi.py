@@ -4,8 +4,9 @@
 
 Every route appears with its methods, path parameters and who may call it (public, any key, admin key).
 Every 4xx is declared in the OpenAI error shape, so a tool such as Schemathesis can check that whatever
-bad input arrives, the answer is a documented error and never a 5xx. The chat-completions request schema
-is the pydantic model the gateway validates with; other bodies are declared as JSON objects.
+bad input arrives, the answer is a documented error and never a 5xx. The model API's request schemas (chat
+completions, completions, embeddings) are the pydantic models the gateway validates with; other bodies
+are declared as JSON objects.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from starlette.routing import BaseRoute, Route
 
 from iros import __version__
-from iros.core.schema import ChatCompletionRequest
+from iros.core.schema import OPERATIONS, SCHEMAS, Operation
 
 # Who may call what, by path; the app's handlers enforce it, tests/test_security.py checks both agree.
 _PUBLIC = re.compile(r"^/(health|ready|openapi\.json)$|^/dashboard/(login|logout|static|assets)")
@@ -50,6 +51,25 @@ COMPLETION = {
         "choices": {"type": "array", "items": {"type": "object"}},
         "usage": {"type": ["object", "null"]},
     },
+}
+TEXT_COMPLETION = {
+    **COMPLETION,
+    "properties": {**COMPLETION["properties"], "object": {"const": "text_completion"}},  # type: ignore[dict-item]
+}
+EMBEDDINGS = {
+    "type": "object",
+    "required": ["object", "data", "model"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"type": "object"}},
+        "model": {"type": "string"},
+        "usage": {"type": ["object", "null"]},
+    },
+}
+ANSWERS: dict[Operation, dict[str, Any]] = {
+    "chat": COMPLETION,
+    "text_completion": TEXT_COMPLETION,
+    "embeddings": EMBEDDINGS,
 }
 MODELS = {
     "type": "object",
@@ -113,7 +133,7 @@ def _operation(path: str, method: str, name: str) -> dict[str, Any]:
     return op
 
 
-def document(routes: Iterable[BaseRoute], chat_path: str = "/v1/chat/completions") -> dict[str, Any]:
+def document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route):
@@ -121,18 +141,22 @@ def document(routes: Iterable[BaseRoute], chat_path: str = "/v1/chat/completions
         spec = paths.setdefault(_PARAM.sub(r"{\1}", route.path), {})
         for method in sorted((route.methods or set()) - {"HEAD"}):
             spec[method.lower()] = _operation(route.path, method.lower(), route.name)
-    chat = _operation(chat_path, "post", "chat_completions")
-    chat["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-    }
-    chat["responses"]["2XX"]["content"] = {
-        "application/json": {"schema": COMPLETION},
-        "text/event-stream": {"schema": {"type": "string"}},
-    }
-    paths[chat_path] = {"post": chat}
-    request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas = {"ChatCompletionRequest": request_schema, **request_schema.pop("$defs", {})}
+    schemas: dict[str, Any] = {}
+    # The model API: served by the gateway pipeline, not by a route; one schema per operation.
+    for path, operation in OPERATIONS.items():
+        model = SCHEMAS[operation]
+        op = _operation(path, "post", operation)
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+        op["responses"]["2XX"]["content"] = {
+            "application/json": {"schema": ANSWERS[operation]},
+            **({} if operation == "embeddings" else {"text/event-stream": {"schema": {"type": "string"}}}),
+        }
+        paths[path] = {"post": op}
+        request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update({model.__name__: request_schema, **request_schema.pop("$defs", {})})
     return {
         "openapi": "3.1.0",
         "info": {

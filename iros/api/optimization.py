@@ -11,7 +11,8 @@ GET  /api/optimization/audit?limit=100          every change: rule, time, before
 PUT  /api/optimization/cache/tune              {max_false_hit_rate, target_hit_rate, max_memory_mb,
                                                similarity_threshold, ttl}
 POST /api/optimization/cache/warm              {"prompts": [...], "model": "...", "params": {...}}
-                                                or {"from_misses": 20}
+                                                or {"from_misses": 20}: 202, the job runs in the background
+GET  /api/optimization/cache/warm[/{job_id}]    the jobs' progress (the newest first), or one job's
 GET  /api/optimization/cache                   DELETE /api/optimization/cache[?namespace=]
 
 Each action's KPIs before and after are at /api/analysis/compare/optimizations (api/analysis.py).
@@ -19,8 +20,6 @@ Each action's KPIs before and after are at /api/analysis/compare/optimizations (
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -34,14 +33,15 @@ from iros.cache.engine import ResponseCache
 from iros.conditions.parse import ConditionError
 from iros.config import OptimizationRule
 from iros.core.errors import IrosError, bad, error_path
+from iros.core.limits import MAX_NESTING, json_depth
 from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
+from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, WarmBusy, Warmer, check_prompts
 from iros.optimization.optimizer import Optimizer
 from iros.optimization.tuning import Tuning, floor_threshold, precision_floor
 
 MAX_AUDIT = 1000
 TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
-MAX_WARM = 1000  # prompts per warm call
 _RULES = TypeAdapter(list[OptimizationRule])
 
 
@@ -191,6 +191,7 @@ class CacheTuningAPI(AdminAPI):
         self.gateway = gateway
         self.cache = cache
         self.tuning = tuning
+        self.warmer = Warmer(gateway)
 
     async def _set(self, changes: dict[str, Any]) -> None:
         await self.tuning.set(changes, "api:cache/tune")
@@ -201,6 +202,8 @@ class CacheTuningAPI(AdminAPI):
             Route("/api/optimization/cache", self.clear, methods=["DELETE"]),
             Route("/api/optimization/cache/tune", self.tune, methods=["PUT"]),
             Route("/api/optimization/cache/warm", self.warm, methods=["POST"]),
+            Route("/api/optimization/cache/warm", self.warm_jobs, methods=["GET"]),
+            Route("/api/optimization/cache/warm/{job_id}", self.warm_job, methods=["GET"]),
         ]
 
     async def status(self, request: Request) -> Response:
@@ -302,11 +305,15 @@ class CacheTuningAPI(AdminAPI):
         params = body.get("params") or {}
         if not isinstance(params, dict) or "messages" in params or "model" in params or "stream" in params:
             raise bad("params: an object of request parameters (temperature, max_tokens, ...)", "params")
+        if json_depth(params) > MAX_NESTING:
+            raise bad(f"params nests JSON more than {MAX_NESTING} levels deep", "params", "nesting_too_deep")
         if "from_misses" in body:
             n = body["from_misses"]
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WARM:
-                raise bad(f"from_misses: a count from 1 to {MAX_WARM}", "from_misses")
-            jobs = [(model, prompt) for (model, prompt), _ in self.cache.misses.most_common(n)]
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROMPTS:
+                raise bad(f"from_misses: a count from 1 to {MAX_PROMPTS}", "from_misses")
+            # Misses too long to warm are passed over, not refused: the client sent them, not the admin.
+            misses = self.cache.misses.most_common()
+            jobs = [(m, p) for (m, p), _ in misses if len(p) <= MAX_PROMPT_CHARS][:n]
         else:
             prompts, model = body.get("prompts"), body.get("model")
             if (
@@ -315,26 +322,36 @@ class CacheTuningAPI(AdminAPI):
                 or not all(isinstance(p, str) and p for p in prompts)
             ):
                 raise bad("prompts: a non-empty list of strings (or give from_misses)", "prompts")
-            if len(prompts) > MAX_WARM:
-                raise bad(f"at most {MAX_WARM} prompts per call", "prompts")
             if not isinstance(model, str) or model not in self.gateway.router.deployments:
                 raise bad(f"model: one of {', '.join(self.gateway.router.names)}", "model")
             jobs = [(model, p) for p in prompts]
-        began = time.perf_counter()
-        results = await asyncio.gather(*(self._warm_one(m, p, params) for m, p in jobs))
-        summary: dict[str, int] = {}
-        for outcome in results:
-            summary[outcome["outcome"]] = summary.get(outcome["outcome"], 0) + 1
+        if problem := check_prompts(jobs):
+            raise bad(problem, "prompts")
+        try:
+            job = self.warmer.start(jobs, params)
+        except WarmBusy as exc:
+            raise IrosError(
+                409,
+                f"cache warm {exc} is still running: follow it at /api/optimization/cache/warm/{exc}",
+                code="warm_running",
+            ) from None
         return JSONResponse(
-            {"warmed": summary, "results": results, "seconds": round(time.perf_counter() - began, 3)}
+            {**job.view(results=False), "progress": f"/api/optimization/cache/warm/{job.id}"}, status_code=202
         )
 
-    async def _warm_one(self, model: str, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            outcome = await self.gateway.warm(model, prompt, params)
-            return {"model": model, "prompt": prompt, "outcome": outcome}
-        except IrosError as exc:
-            return {"model": model, "prompt": prompt, "outcome": "failed", "error": exc.message}
+    async def warm_jobs(self, request: Request) -> Response:
+        self._admin(request)
+        jobs = reversed(self.warmer.jobs.values())
+        return JSONResponse({"jobs": [job.view(results=False) for job in jobs]})
+
+    async def warm_job(self, request: Request) -> Response:
+        self._admin(request)
+        job = self.warmer.get(request.path_params["job_id"])
+        if job is None:
+            raise IrosError(
+                404, "no such cache warm job (the last 10 are kept)", param="job_id", code="not_found"
+            )
+        return JSONResponse(job.view())
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> float:

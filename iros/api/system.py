@@ -40,14 +40,12 @@ class SystemAPI(AdminAPI):
         admission: Admission,
         keyring: KeyRing,
         monitor: Monitor | None,
-        chat_path: str,
     ) -> None:
         super().__init__(keyring)
         self.settings = settings
         self.router = router
         self.admission = admission
         self.monitor = monitor
-        self.chat_path = chat_path
         self.started_at = time.time()
         self._openapi: bytes | None = None
 
@@ -69,7 +67,7 @@ class SystemAPI(AdminAPI):
     async def openapi(self, request: Request) -> Response:
         if self._openapi is None:
             # The app's whole route table (request.app is the Starlette app every API's routes join).
-            self._openapi = orjson.dumps(document(request.app.routes, self.chat_path))
+            self._openapi = orjson.dumps(document(request.app.routes))
         return Response(self._openapi, media_type="application/json")
 
     async def health(self, request: Request) -> Response:

@@ -3,6 +3,8 @@
     run("127.0.0.1", 9000, "lightweight", api_key=None)      # or: iros mock-upstream --port 9000
     client = openai.OpenAI(base_url="http://127.0.0.1:9000/v1", api_key="x")
     client.chat.completions.create(model="large", messages=[...])   # a model named like a profile picks it
+client.completions.create(model="large", prompt="...")          # the legacy text API, streamed or not
+client.embeddings.create(model="instant", input=["a", "b"])     # deterministic vectors (endpoints.py)
 
 Faults: model "error-500" answers HTTP 500; "hang" never answers; "cut-stream" drops the connection
 after 3 chunks of a stream, or mid-body (short of its Content-Length) when not streaming; "flaky" fails half
@@ -28,8 +30,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from iros.backends.simulated import HANG_SECONDS, SERVER_ERROR_BODY, error_body, paced_chunks
-from iros.backends.simulation import CUT_AFTER_CHUNKS, PROFILES, InvalidRequest, Plan, completion_body, plan
+from iros.backends.simulated import (
+    HANG_SECONDS,
+    PLANS,
+    SERVER_ERROR_BODY,
+    answer_body,
+    error_body,
+    paced_chunks,
+)
+from iros.backends.simulation import CUT_AFTER_CHUNKS, PROFILES, InvalidRequest, Plan
+from iros.core.schema import Operation
 
 _JSON = "application/json"
 
@@ -99,7 +109,7 @@ def build_app(profile: str = "lightweight", api_key: str | None = None) -> Starl
             return None
         return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
-    async def chat_completions(request: Request) -> Response:
+    async def answer(request: Request, operation: Operation) -> Response:
         if (denied := unauthorized(request)) is not None:
             return denied
         try:
@@ -112,29 +122,40 @@ def build_app(profile: str = "lightweight", api_key: str | None = None) -> Starl
         model = requested if isinstance(requested, str) and requested else default.name
         prof = PROFILES.get(model, default)
         try:
-            p = plan(payload, prof)
+            p = PLANS[operation](payload, prof)
         except InvalidRequest as exc:
             return _error(400, str(exc), "invalid_request_error", param=exc.param)
         if p.fault == "hang":
             return await _hang(request)
         if p.fault == "error-500":
             return Response(SERVER_ERROR_BODY, status_code=500, media_type=_JSON)
-        request_id = "chatcmpl-" + secrets.token_hex(12)
-        if payload.get("stream"):
+        if payload.get("stream") and operation != "embeddings":
             options = payload.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            request_id = ("cmpl-" if operation == "text_completion" else "chatcmpl-") + secrets.token_hex(12)
             return StreamingResponse(
-                _sse(p, model, request_id, include_usage),
+                _sse(p, model, request_id, include_usage, operation),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-request-id": request_id},
             )
         delay = p.ttft_s + len(p.pieces) * p.token_interval_s
         if delay > 0:
             await asyncio.sleep(delay)
-        body = orjson.dumps(completion_body(p, model, request_id))
+        data = answer_body(p, payload, model, operation)
+        body = orjson.dumps(data)
         if p.fault == "cut-stream":
             return _CutBody(body)
-        return Response(body, media_type=_JSON, headers={"x-request-id": request_id})
+        headers = {"x-request-id": data["id"]} if "id" in data else None
+        return Response(body, media_type=_JSON, headers=headers)
+
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, "text_completion")
+
+    async def embeddings(request: Request) -> Response:
+        return await answer(request, "embeddings")
 
     async def models(request: Request) -> Response:
         if (denied := unauthorized(request)) is not None:
@@ -158,6 +179,8 @@ def build_app(profile: str = "lightweight", api_key: str | None = None) -> Starl
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],
@@ -165,9 +188,11 @@ def build_app(profile: str = "lightweight", api_key: str | None = None) -> Starl
     )
 
 
-async def _sse(p: Plan, model: str, request_id: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    p: Plan, model: str, request_id: str, include_usage: bool, operation: Operation
+) -> AsyncIterator[bytes]:
     sent = 0
-    async for chunk in paced_chunks(p, model, request_id, include_usage):
+    async for chunk in paced_chunks(p, model, request_id, include_usage, operation):
         if p.fault == "cut-stream" and sent >= CUT_AFTER_CHUNKS:
             break
         yield b"data: " + orjson.dumps(chunk) + b"\n\n"

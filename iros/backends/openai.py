@@ -17,9 +17,18 @@ from yarl import URL
 from iros.backends.base import Completion, Readiness
 from iros.config import ModelSettings
 from iros.core.errors import UpstreamError
+from iros.core.schema import Operation
 from iros.core.spans import Spans
+from iros.core.tracecontext import UPSTREAM_TRACEPARENT
 
 _DONE = b"[DONE]"
+_PATHS: dict[Operation, str] = {
+    "chat": "chat/completions",
+    "text_completion": "completions",
+    "embeddings": "embeddings",
+}
+# What a whole answer of each operation must hold to be one.
+_ANSWER: dict[Operation, str] = {"chat": "choices", "text_completion": "choices", "embeddings": "data"}
 
 
 class OpenAIBackend:
@@ -27,7 +36,8 @@ class OpenAIBackend:
         assert settings.base_url
         self.settings = settings
         # Parsed once: aiohttp would parse a string URL on every request.
-        self.url = URL(f"{settings.base_url}/chat/completions")
+        self.urls = {op: URL(f"{settings.base_url}/{path}") for op, path in _PATHS.items()}
+        self.url = self.urls["chat"]
         self.models_url = URL(f"{settings.base_url}/models")
         self.target_model = settings.target_model
         headers = {"content-type": "application/json"}
@@ -62,15 +72,19 @@ class OpenAIBackend:
             payload = {**payload, "model": self.target_model}
         return orjson.dumps(payload)
 
-    async def _post(self, payload: dict[str, Any], spans: Spans) -> aiohttp.ClientResponse:
+    async def _post(self, payload: dict[str, Any], spans: Spans, url: URL) -> aiohttp.ClientResponse:
+        headers = self._headers
+        traceparent = UPSTREAM_TRACEPARENT.get()  # None unless traces are exported (OTEL_*)
+        if traceparent is not None:
+            headers = {**headers, "traceparent": traceparent}
         try:
-            resp = await self.session.post(self.url, data=self._body(payload), headers=self._headers)
+            resp = await self.session.post(url, data=self._body(payload), headers=headers)
         except TimeoutError as exc:
-            raise UpstreamError(f"no answer from {self.url} in time", kind="timeout") from exc
+            raise UpstreamError(f"no answer from {url} in time", kind="timeout") from exc
         except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(f"cannot reach {self.url}: {exc}", kind="connect") from exc
+            raise UpstreamError(f"cannot reach {url}: {exc}", kind="connect") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"bad answer from {self.url}: {exc}", kind="protocol") from exc
+            raise UpstreamError(f"bad answer from {url}: {exc}", kind="protocol") from exc
         spans.lap("upstream_connect")
         if resp.status >= 400:
             try:
@@ -79,19 +93,20 @@ class OpenAIBackend:
                 body = b""
             finally:
                 resp.release()
-            raise UpstreamError(
-                f"{self.url} answered {resp.status}", kind="status", status=resp.status, body=body
-            )
+            raise UpstreamError(f"{url} answered {resp.status}", kind="status", status=resp.status, body=body)
         return resp
 
-    async def complete(self, payload: dict[str, Any], spans: Spans) -> Completion:
-        resp = await self._post(payload, spans)
+    async def complete(
+        self, payload: dict[str, Any], spans: Spans, operation: Operation = "chat"
+    ) -> Completion:
+        url = self.urls[operation]
+        resp = await self._post(payload, spans, url)
         try:
             body = await resp.read()
         except TimeoutError as exc:
-            raise UpstreamError(f"{self.url} stopped sending mid-answer", kind="timeout") from exc
+            raise UpstreamError(f"{url} stopped sending mid-answer", kind="timeout") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{self.url} cut the answer short: {exc}", kind="truncated") from exc
+            raise UpstreamError(f"{url} cut the answer short: {exc}", kind="truncated") from exc
         finally:
             resp.release()
         spans.lap("upstream_ttft")
@@ -99,14 +114,17 @@ class OpenAIBackend:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             data = None
-        if not isinstance(data, dict) or "choices" not in data:
+        if not isinstance(data, dict) or _ANSWER[operation] not in data:
             raise UpstreamError(
-                f"{self.url} answered with something other than a completion", kind="protocol"
+                f"{url} answered with something other than a {operation} answer", kind="protocol"
             )
         return Completion(body=body, data=data)
 
-    async def stream(self, payload: dict[str, Any], spans: Spans) -> AsyncIterator[bytes]:
-        resp = await self._post(payload, spans)
+    async def stream(
+        self, payload: dict[str, Any], spans: Spans, operation: Operation = "chat"
+    ) -> AsyncIterator[bytes]:
+        url = self.urls[operation]
+        resp = await self._post(payload, spans, url)
         try:
             async for line in resp.content:
                 # SSE: only "data:" lines carry chunks; comments, blank lines and other fields are framing.
@@ -118,12 +136,12 @@ class OpenAIBackend:
                 if data:
                     yield data
         except TimeoutError as exc:
-            raise UpstreamError(f"{self.url} went silent mid-stream", kind="timeout") from exc
+            raise UpstreamError(f"{url} went silent mid-stream", kind="timeout") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{self.url} cut the stream: {exc}", kind="truncated") from exc
+            raise UpstreamError(f"{url} cut the stream: {exc}", kind="truncated") from exc
         finally:
             resp.release()
-        raise UpstreamError(f"{self.url} ended the stream without [DONE]", kind="truncated")
+        raise UpstreamError(f"{url} ended the stream without [DONE]", kind="truncated")
 
     async def ready(self) -> Readiness:
         try:

@@ -231,13 +231,7 @@ def plan(payload: dict[str, Any], profile: Profile, rng_latency: random.Random |
             pieces, finish_reason = pieces[:cap], "length"
         completion_tokens = len(pieces)
 
-    ttft = profile.ttft_ms / 1000 * lat.lognormvariate(0, profile.ttft_sigma) if profile.ttft_ms > 0 else 0.0
-    interval = 0.0
-    if math.isfinite(profile.tokens_per_second) and profile.tokens_per_second > 0:
-        interval = lat.lognormvariate(0, 0.1) / profile.tokens_per_second
-    fault = profile.fault
-    if fault is None and profile.error_rate > 0 and lat.random() < profile.error_rate:
-        fault = "error-500"
+    ttft, interval, fault = timing(profile, lat)
     return Plan(
         pieces=pieces,
         finish_reason=finish_reason,
@@ -248,6 +242,19 @@ def plan(payload: dict[str, Any], profile: Profile, rng_latency: random.Random |
         tool_calls=tool_calls,
         fault=fault,
     )
+
+
+def timing(profile: Profile, lat: random.Random | None = None) -> tuple[float, float, Fault | None]:
+    """One answer's time to first token, interval between tokens, and the fault it plays out."""
+    lat = lat or _LATENCY
+    ttft = profile.ttft_ms / 1000 * lat.lognormvariate(0, profile.ttft_sigma) if profile.ttft_ms > 0 else 0.0
+    interval = 0.0
+    if math.isfinite(profile.tokens_per_second) and profile.tokens_per_second > 0:
+        interval = lat.lognormvariate(0, 0.1) / profile.tokens_per_second
+    fault = profile.fault
+    if fault is None and profile.error_rate > 0 and lat.random() < profile.error_rate:
+        fault = "error-500"
+    return ttft, interval, fault
 
 
 def _digest(payload: dict[str, Any], messages: list[dict[str, Any]]) -> int:

@@ -51,8 +51,9 @@ def frames_like(models: int, seconds: int, per_second: int, now: float) -> list[
                 for outcome in ("ok", "server_error"):
                     key = ("response_time_ms", (("cache", cache), model, ("outcome", outcome)))
                     series[key] = Sketch.of(rng.lognormal(5, 1, per_second))
-            for name in ("overhead_ms", "cpu_usage_percent", "ttft_ms", "tpot_ms", "prompt_tokens"):
+            for name in ("overhead_ms", "cpu_per_response_percent", "ttft_ms", "tpot_ms", "prompt_tokens"):
                 series[(name, (model,))] = Sketch.of(rng.lognormal(2, 1, per_second))
+        series[("cpu_usage_percent", ())] = Sketch.of(rng.uniform(0, 10, 1))  # a gauge: one sample
         out.append(Frame(now - seconds + s + 1, series))
     return out
 

@@ -166,31 +166,47 @@ def start_nginx(workdir: Path, nginx: str | None = None, max_connections: int = 
     return start_child(child, 10.0)
 
 
-def iros_config(port: int, upstream_port: int, data_dir: Path, metrics: bool = True) -> str:
+def iros_config(
+    port: int, upstream_port: int, data_dir: Path, metrics: bool = True, cache: bool = False
+) -> str:
     return (
-        f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}}}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, data_dir: {orjson.dumps(str(data_dir)).decode()}, "
+        # The load generator is one address by design: no per-address connection cap.
+        "max_connections_per_address: 0}\n"
         "auth: {open: true}\n"
         f"metrics_collection: {{enabled: {str(metrics).lower()}}}\n"
-        # The same request again and again: with the cache on this would measure cache hits, and with
+        # The same request again and again: with the cache on this would measure cache hits (so the cache
+        # is on, as configured by default, only for a load whose every prompt differs), and with
         # single-flight, concurrent copies would share one upstream call.
-        "cache: {enabled: false}\n"
-        "optimization: {single_flight: false}\n"
+        + ("" if cache else "cache: {enabled: false}\n")
+        + "optimization: {single_flight: false}\n"
         "models:\n"
         f'  - {{name: {MODEL}, backend: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}\n'
     )
 
 
 def start_iros(
-    workdir: Path, upstream_port: int, workers: int = 1, metrics: bool = True, name: str = "iros"
+    workdir: Path,
+    upstream_port: int,
+    workers: int = 1,
+    metrics: bool = True,
+    name: str = "iros",
+    env: dict[str, str] | None = None,
+    cache: bool = False,
 ) -> ChildProcess:
     port = free_port()
     conf = workdir / f"{name}.yaml"
-    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics))
+    conf.write_text(iros_config(port, upstream_port, workdir / f"{name}-data", metrics, cache))
     cmd = [sys.executable, "-m", "iros", "serve", "--config", str(conf), "--port", str(port)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
     child = ChildProcess(
-        cmd, port, name="Iros (`iros serve`)", log_path=workdir / f"{name}.log", stop_timeout=_STOP_TIMEOUT
+        cmd,
+        port,
+        name="Iros (`iros serve`)",
+        env=env,
+        log_path=workdir / f"{name}.log",
+        stop_timeout=_STOP_TIMEOUT,
     )
     return start_child(child, 20.0)
 

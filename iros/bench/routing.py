@@ -102,7 +102,7 @@ async def _run_strategy(
     done = 0
 
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://iros", timeout=120
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=120
     ) as http:
 
         async def one(i: int, prompt: str, need: float) -> None:

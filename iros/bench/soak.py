@@ -95,7 +95,13 @@ def questions(seed: int = 7) -> Callable[[], str]:
 
 def _config(port: int, upstream: int, data_dir: Path, cache_entries: int) -> dict[str, Any]:
     return {
-        "server": {"host": "127.0.0.1", "port": port, "data_dir": str(data_dir)},
+        # The load generator is one address by design: no per-address connection cap.
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "data_dir": str(data_dir),
+            "max_connections_per_address": 0,
+        },
         "auth": {"open": True},
         "models": [{"name": MODEL, "backend": "openai", "base_url": f"http://127.0.0.1:{upstream}/v1"}],
         # A cache bound the warm-up reaches: after it, entries are evicted as fast as they come, so

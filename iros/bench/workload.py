@@ -5,16 +5,27 @@
 
 Real `iros serve` children on simulated models, measured over HTTP: Zipf popularity over base questions
 (groups of duplicate texts from the pairs), asked verbatim or paraphrased, plus one-off questions.
+
+    run_workload(pairs, upstream="http://127.0.0.1:8000/v1", upstream_model="smollm2")  # a real server
+    run_workload(pairs, local_model=True)    # llama.cpp serving SmolLM2, started for the run
+
+Against a real server the questions are streamed (temperature 0, ended at their first sentence or
+`max_tokens`), so the report adds
+time to first token and tokens per second; a false hit is an answer no miss brought back for its question,
+which holds as long as the server answers a prompt the same way each time (greedy decoding).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import tempfile
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +137,39 @@ class _Reply:
     cache: str
     content: str | None
     ms: float
+    ttft_ms: float | None = None
+    tokens: int = 0  # completion tokens of a streamed answer (its usage chunk)
+    overhead_ms: float | None = None  # Iros's own time for it (x-iros-overhead-ms)
+
+
+async def _read_stream(response: aiohttp.ClientResponse, started: float) -> tuple[str, float | None, int]:
+    """A streamed answer's text, time to its first content and completion tokens."""
+    pieces: list[str] = []
+    ttft = None
+    tokens = 0
+    async for line in response.content:
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        chunk = orjson.loads(line[5:].strip())
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                ttft = ttft if ttft is not None else (time.perf_counter() - started) * 1000
+                pieces.append(text)
+        if isinstance(chunk.get("usage"), dict):
+            tokens = int(chunk["usage"].get("completion_tokens") or 0)
+    return "".join(pieces), ttft, tokens
 
 
 async def _drive(
-    url: str, stream: list[Ask], concurrency: int, progress: ProgressFn, label: str
+    url: str,
+    stream: list[Ask],
+    concurrency: int,
+    progress: ProgressFn,
+    label: str,
+    max_tokens: int | None = None,
 ) -> list[_Reply]:
+    """The stream through `url`, `concurrency` at a time; with `max_tokens`, streamed (a real model)."""
     replies: list[_Reply | None] = [None] * len(stream)
     next_index = completed = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -142,17 +181,35 @@ async def _drive(
             while next_index < len(stream):
                 i = next_index
                 next_index += 1
-                body = orjson.dumps(request_body(stream[i].text, "chat"))
+                payload = request_body(stream[i].text, "chat")
+                if max_tokens is not None:
+                    payload |= {
+                        # An answer cut by max_tokens (finish_reason "length") is never cached: end each
+                        # at its first sentence, so most finish with "stop" as a chat answer would.
+                        "stop": ["."],
+                        "max_tokens": max_tokens,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
                 started = time.perf_counter()
+                content, ttft, tokens = None, None, 0
                 async with session.post(
-                    f"{url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+                    f"{url}/v1/chat/completions",
+                    data=orjson.dumps(payload),
+                    headers={"content-type": "application/json"},
                 ) as response:
-                    raw = await response.read()
+                    if response.status == 200 and max_tokens is not None:
+                        content, ttft, tokens = await _read_stream(response, started)
+                    else:
+                        raw = await response.read()
+                        if response.status == 200:
+                            content = orjson.loads(raw)["choices"][0]["message"]["content"]
                 ms = (time.perf_counter() - started) * 1000
-                content = None
-                if response.status == 200:
-                    content = orjson.loads(raw)["choices"][0]["message"]["content"]
-                replies[i] = _Reply(response.status, response.headers.get("x-iros-cache", ""), content, ms)
+                cache = response.headers.get("x-iros-cache", "")
+                overhead = response.headers.get("x-iros-overhead-ms")
+                replies[i] = _Reply(
+                    response.status, cache, content, ms, ttft, tokens, float(overhead) if overhead else None
+                )
                 completed += 1
                 progress(label, completed, len(stream))
 
@@ -179,25 +236,86 @@ async def _cache_stats(url: str) -> dict[str, Any]:
         return stats
 
 
-def _serve(cache: dict[str, Any], profile: str, data_dir: Path) -> Any:
+def _serve(cache: dict[str, Any], model: dict[str, Any], data_dir: Path) -> Any:
     from iros.testing.iros import IrosProcess
 
     config = {
         "auth": {"open": True},
-        "server": {"data_dir": str(data_dir), "log_level": "warning"},
-        "models": [{"name": "chat", "backend": "simulated", "profile": profile}],
+        # The load generator is one address by design: no per-address connection cap.
+        "server": {"data_dir": str(data_dir), "log_level": "warning", "max_connections_per_address": 0},
+        "models": [model],
         "cache": cache,
     }
     return IrosProcess.serve(config)
 
 
-def _timing(replies: list[_Reply]) -> dict[str, Any]:
+def _timing(replies: list[_Reply], wall_s: float) -> dict[str, Any]:
     ms = np.asarray([r.ms for r in replies])
-    return {
+    out: dict[str, Any] = {
         "mean_ms": round(float(ms.mean()), 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
     }
+    ttft = np.asarray([r.ttft_ms for r in replies if r.ttft_ms is not None])
+    if ttft.size:
+        tokens = sum(r.tokens for r in replies)
+        out |= {
+            "ttft_mean_ms": round(float(ttft.mean()), 2),
+            "ttft_p95_ms": round(float(np.percentile(ttft, 95)), 2),
+            "completion_tokens": tokens,
+            # Tokens delivered to clients per second of the run: a hit delivers its tokens at once.
+            "tokens_per_second": round(tokens / wall_s, 2) if wall_s else None,
+        }
+    # Iros's own time on the answers that went upstream: what the gateway adds to a model's answer.
+    overhead = np.asarray(
+        [
+            r.overhead_ms
+            for r in replies
+            if r.overhead_ms is not None and r.cache != "hit" and r.cache != "semantic_hit"
+        ]
+    )
+    if overhead.size:
+        out["iros_overhead_ms"] = {
+            "upstream_answers": int(overhead.size),
+            "p50": round(float(np.percentile(overhead, 50)), 3),
+            "p95": round(float(np.percentile(overhead, 95)), 3),
+        }
+    return out
+
+
+def _first_model(url: str) -> str:
+    """The first model a server lists at /models, for a run that did not name one."""
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
+            listed = orjson.loads(response.read()).get("data") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RuntimeError(
+            f"cannot list the models of {url}/models ({exc}); name one with --upstream-model"
+        ) from None
+    if not listed or not isinstance(listed[0], dict) or "id" not in listed[0]:
+        raise RuntimeError(f"{url}/models lists no model; name one with --upstream-model")
+    return str(listed[0]["id"])
+
+
+@contextlib.contextmanager
+def _model(
+    profile: str, upstream: str | None, upstream_model: str | None, connections: int, local_model: bool
+) -> Iterator[dict[str, Any]]:
+    """Iros's `models:` entry for the run: the simulated model, a real server, or llama.cpp started here."""
+    from iros.testing.llama import LlamaServer, model_settings
+
+    if local_model:
+        with LlamaServer() as llama:
+            yield llama.model_settings("chat")
+    elif upstream is not None:
+        yield model_settings(
+            upstream.rstrip("/"),
+            name="chat",
+            upstream_model=upstream_model or "chat",
+            connections=connections,
+        )
+    else:
+        yield {"name": "chat", "backend": "simulated", "profile": profile}
 
 
 def run_workload(
@@ -208,25 +326,40 @@ def run_workload(
     profile: str = "lightweight",
     seed: int = 7,
     progress: ProgressFn | None = None,
+    upstream: str | None = None,
+    upstream_model: str | None = None,
+    connections: int = 1,
+    local_model: bool = False,
+    max_tokens: int = 48,
 ) -> dict[str, Any]:
-    """The same stream through `iros serve` with the cache on (exact + semantic) and off."""
+    """The same stream through `iros serve` with the cache on (exact + semantic) and off: in front of the
+    simulated model, of a real server at `upstream` (`connections` at a time), or of llama.cpp."""
     report = progress or quiet
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must each be 1 or more")
+    real = local_model or upstream is not None
     stream, bases = build_stream(pairs, requests, seed)
-    with tempfile.TemporaryDirectory(prefix="iros-bench-workload-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="iros-bench-workload-") as tmp,
+        _model(profile, upstream, upstream_model, connections, local_model) as model,
+    ):
         on_dir, off_dir = Path(tmp) / "cached", Path(tmp) / "uncached"
-        server = _serve({"enabled": True, "semantic": True}, profile, on_dir).start(timeout=60)
+        tokens = max_tokens if real else None
+        server = _serve({"enabled": True, "semantic": True}, model, on_dir).start(timeout=60)
         try:
             report("loading the embedding model", 0, 1)
             asyncio.run(_wait_semantic(server.url))
-            optimized = asyncio.run(_drive(server.url, stream, concurrency, report, "cache on"))
+            started = time.perf_counter()
+            optimized = asyncio.run(_drive(server.url, stream, concurrency, report, "cache on", tokens))
+            on_wall = time.perf_counter() - started
             stats = asyncio.run(_cache_stats(server.url))
         finally:
             server.stop()
-        server = _serve({"enabled": False}, profile, off_dir).start(timeout=60)
+        server = _serve({"enabled": False}, model, off_dir).start(timeout=60)
         try:
-            baseline = asyncio.run(_drive(server.url, stream, concurrency, report, "cache off"))
+            started = time.perf_counter()
+            baseline = asyncio.run(_drive(server.url, stream, concurrency, report, "cache off", tokens))
+            off_wall = time.perf_counter() - started
         finally:
             server.stop()
 
@@ -246,14 +379,17 @@ def run_workload(
         if reply.cache in ("hit", "semantic_hit") and ask.group not in owners.get(reply.content or "", ()):
             false_hits[reply.cache] += 1
     hits = kinds["hit"] + kinds["semantic_hit"]
-    on, off = _timing(optimized), _timing(baseline)
+    on, off = _timing(optimized, on_wall), _timing(baseline, off_wall)
     hit_rate = ratio(hits, len(stream)) or 0.0
     false_rate = ratio(sum(false_hits.values()), len(stream)) or 0.0
     improvement = round(1 - on["mean_ms"] / off["mean_ms"], 4) if off["mean_ms"] else 0.0
     return {
         "requests": len(stream),
         "concurrency": concurrency,
-        "profile": profile,
+        "model": (
+            "llama.cpp SmolLM2-135M-Instruct" if local_model else upstream if real else f"simulated {profile}"
+        ),
+        "max_tokens": tokens,
         "seed": seed,
         "base_questions": bases,
         "zipf_s": ZIPF_S,

@@ -1,6 +1,7 @@
 """wrk, the load generator: its Lua script, one timed run with a progress bar, and its figures.
 
 script.write_text(wrk_script())    # POSTs REQUEST and prints one JSON line of results at the end
+                                   # (wrk_script(distinct=True): a different question each time)
 raw = run_wrk(wrk, script, url, 16, 10.0, workdir / "wrk.txt", Phase(None, None, None), "c=16")
 # 16 connections for 10 s; Phase holds the progress bar and its tasks (None: no bar)
 summarize(raw)                     # {"rps": ..., "p50_ms": ..., "p99_ms": ..., "errors": 0, ...}
@@ -46,10 +47,43 @@ end
 """
 
 
-def wrk_script() -> str:
+# Every request a question of its own (a cache miss): five words drawn from these, over 250 million
+# sentences, alike enough in form that the semantic cache finds neighbours to weigh.
+_DISTINCT_LUA = """\
+local words = {{
+  "harbour", "price", "winter", "engine", "river", "garden", "budget", "contract", "network", "library",
+  "kitchen", "battery", "forest", "camera", "bridge", "patient", "market", "school", "storm", "planet",
+  "printer", "ticket", "vaccine", "tunnel", "museum", "salary", "island", "crystal", "factory",
+  "orchestra", "protein", "satellite", "village", "wallet", "glacier", "language", "violin", "tractor",
+  "election", "pepper", "volcano", "keyboard", "passport", "bakery", "comet", "theatre", "dolphin",
+  "mortgage",
+}}
+local head, tail = [[{head}]], [[{tail}]]
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+request = function()
+  local w = {{}}
+  for i = 1, 5 do w[i] = words[math.random(#words)] end
+  local prompt = "How does the " .. w[1] .. " of a " .. w[2] .. " change the " .. w[3] .. " and " ..
+    w[4] .. " of " .. w[5] .. "?"
+  return wrk.format(nil, nil, nil, head .. prompt .. tail)
+end
+"""
+
+
+def wrk_script(distinct: bool = False) -> str:
+    """wrk's script: the same REQUEST each time, or with `distinct`, a new question each time."""
     body = orjson.dumps(REQUEST).decode()
     # A Lua long string needs no escaping for JSON.
-    return _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+    script = _WRK_LUA.format(body=f"[[{body}]]", mark=_WRK_MARK)
+    if not distinct:
+        return script
+    # The prompt's place in the JSON body: what orjson writes for a NUL character.
+    head, _, tail = (
+        orjson.dumps({**REQUEST, "messages": [{"role": "user", "content": "\0"}]})
+        .decode()
+        .partition("\\u0000")
+    )
+    return script + _DISTINCT_LUA.format(head=head, tail=tail)
 
 
 @dataclass

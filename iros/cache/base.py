@@ -9,6 +9,35 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+# Characters of a text an embedder reads at most: a local model reads at most its window (256 word
+# pieces for MiniLM, seldom more than 1,500 characters), and cutting first keeps tokenizing an 8 MB prompt
+# from costing what the whole text would.
+MAX_TEXT_CHARS = 4096
+
+
+class EmbedderError(Exception):
+    """The embedder cannot answer: not started, closed, overloaded, timed out, or its server failed."""
+
+
+class EmbedderBusy(EmbedderError):
+    """The embedder is behind: an embedding now would wait longer than its `skip_after_ms` (the cache
+    skips the semantic lookup instead of queueing it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """Unit vectors, one row per text, and where the model gives them each text's token embeddings
+    (tokens, dim), from the same forward pass."""
+
+    vectors: npt.NDArray[np.float32]
+    tokens: list[npt.NDArray[np.float32]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def rows(self, start: int, end: int) -> Encoded:
+        return Encoded(self.vectors[start:end], self.tokens[start:end] if self.tokens is not None else None)
+
 
 class Embedder(Protocol):
     """Texts to unit-length float32 vectors (cosine similarity is then a dot product)."""

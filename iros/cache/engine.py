@@ -42,7 +42,7 @@ import orjson
 
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
-from iros.cache.base import CacheEntry, CacheStore, Embedder
+from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
 from iros.cache.calibration import Calibration, Pending, Scope
 from iros.cache.judge import Ask, answer_text, judge
 from iros.cache.plan import SHARED, Plan
@@ -60,6 +60,7 @@ CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtere
 # recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
 MAX_TOKEN_BYTES = 128 * 2**20
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
+LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ class ResponseCache:
             k: np.zeros(20, dtype=np.int64) for k in ("served", "verifier_rejected", "below_threshold")
         }
         self.verifier_rejections = 0
+        self.on_skip: Callable[[], None] | None = None  # told of each skipped lookup (/metrics counts them)
         self.counts: Counter[str] = Counter()
         self.top: Counter[str] = Counter()  # hits per entry key (bounded below)
         self.saved_tokens = 0
@@ -209,7 +211,15 @@ class ResponseCache:
                     self._hit(entry, "hit")
                     return Hit(entry, "hit")
         if plan.prompt and self.semantic_ready:
-            hit = await self._semantic(plan, now)
+            try:
+                hit = await self._semantic(plan, now)
+            except EmbedderBusy:
+                # The embedder is behind: a miss now is faster than a lookup that waits for it.
+                self.counts["skipped"] += 1
+                plan.skipped = True
+                if self.on_skip is not None:
+                    self.on_skip()
+                hit = None
             if hit is not None:
                 self._hit(hit.entry, "semantic_hit")
                 return hit
@@ -262,7 +272,12 @@ class ResponseCache:
 
     async def _semantic(self, plan: Plan, now: float) -> Hit | None:
         assert self.embedder is not None and self.index is not None and plan.prompt is not None
-        vectors, tokens = await self._embed([plan.prompt])
+        try:
+            # A model starved of CPU must not hold the request: past the limit it is a miss.
+            async with asyncio.timeout(_lookup_timeout(self.settings)):
+                vectors, tokens = await self._embed([plan.prompt])
+        except TimeoutError:
+            raise EmbedderBusy("the embedding took longer than lookup_timeout_ms") from None
         vector = vectors[0]
         plan.embedding = vector
         plan.tokens = tokens[0] if tokens else None
@@ -287,9 +302,10 @@ class ResponseCache:
         if verifier is not None:
             keys = [k for k, _ in above]
             candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
+            # The texts as far as the embedder read them: the features of a huge prompt would hold the loop.
             scores, aligned = verifier.scores(
-                plan.prompt,
-                [self._prompts.get(k, "") for k in keys],
+                plan.prompt[:MAX_TEXT_CHARS],
+                [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys],
                 [s for _, s in above],
                 plan.tokens,
                 candidate_tokens,
@@ -343,7 +359,12 @@ class ResponseCache:
         if fresh is None or cached is None:
             self.counts["verification_lost"] += 1  # the entry went meanwhile, or no text to compare
             return
-        same = await judge(self.settings.verification.judge, fresh, cached, self.embedder, self.ask)
+        try:
+            same = await judge(self.settings.verification.judge, fresh, cached, self.embedder, self.ask)
+        except Exception as exc:  # the embedder behind, the judge model failing: no outcome, no harm
+            self.counts["verification_lost"] += 1
+            log.debug("verification not judged: %s", exc)
+            return
         pending.scope.record(pending.score, same, pending.weight, pending.served)
         self.counts["verified_right" if same else "verified_wrong"] += 1
 
@@ -401,7 +422,7 @@ class ResponseCache:
 
     def _missed(self, plan: Plan) -> None:
         self.counts["miss"] += 1
-        if plan.prompt:
+        if plan.prompt and len(plan.prompt) <= MAX_TEXT_CHARS:
             # Bounded: the most recent distinct misses, with how often each came back.
             key = (plan.model, plan.prompt)
             self.misses[key] += 1
@@ -413,7 +434,9 @@ class ResponseCache:
 
     # --- saving -------------------------------------------------------------------------------
     def acceptable(self, completion: dict[str, Any]) -> bool:
-        """Only whole answers whose every choice finished for an allowed reason."""
+        """Only whole answers whose every choice finished for an allowed reason (embeddings: a full list)."""
+        if completion.get("object") == "list":
+            return isinstance(completion.get("data"), list) and bool(completion["data"])
         choices = completion.get("choices")
         if not isinstance(choices, list) or not choices:
             return False
@@ -447,9 +470,15 @@ class ResponseCache:
 
     async def _save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
         embedding, tokens = plan.embedding, plan.tokens
-        if embedding is None and plan.prompt and self.semantic_ready and self.embedder is not None:
-            vectors, projected = await self._embed([plan.prompt])
-            embedding, tokens = vectors[0], projected[0] if projected else None
+        # Not embedded again for the store when its lookup was skipped: under load, that is model time
+        # the lookups need.
+        wanted = embedding is None and not plan.skipped and self.semantic_ready and self.embedder is not None
+        if wanted and plan.prompt:
+            try:
+                vectors, projected = await self._embed([plan.prompt])
+                embedding, tokens = vectors[0], projected[0] if projected else None
+            except EmbedderBusy:
+                pass  # kept for exact hits only: the embedder is behind
         found = completion.get("usage")
         usage: dict[str, Any] = found if isinstance(found, dict) else {}
         now = time.time()
@@ -513,11 +542,21 @@ class ResponseCache:
             "verifier_rejections": self.verifier_rejections,
             "max_false_hit_rate": self.calibration.delta,
             "verification": self.verification_report(),
+            # Semantic lookups skipped (served as misses) because the embedder was behind.
+            "skipped": self.counts["skipped"],
             "saved": self.counts["saved"],
             "store_errors": self.counts["store_errors"],
             "indexed": len(self.index) if self.index is not None else 0,
             "store": store,
         }
+
+
+def _lookup_timeout(settings: CacheSettings) -> float:
+    """Seconds a lookup waits for its embedding: a local model answers in milliseconds or is starved."""
+    embedder = settings.embedder
+    if embedder.lookup_timeout_ms is not None:
+        return embedder.lookup_timeout_ms / 1000
+    return LOCAL_LOOKUP_TIMEOUT if embedder.backend == "local" else embedder.timeout_seconds
 
 
 def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime  # noqa: F401  (before usearch: loading onnxruntime's library after usearch's crashes)
 import orjson
 from usearch.index import BatchMatches, Index
 

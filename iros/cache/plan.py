@@ -9,7 +9,8 @@ plan.prompt     # that turn, matched by meaning
 Policy: a request is left alone when the cache is off, the `iros` body extension says `"cache": false`,
 or its temperature is above `max_temperature`. `Cache-Control: no-cache` (do not read), `no-store` (do
 not write) and `max-age=N` (only entries younger than N s), from the header or `iros.cache`, and
-`iros.max_age`/`iros.ttl` tune one request.
+`iros.max_age`/`iros.ttl` tune one request
+(`iros.ttl` only up to the operator's `ttl_seconds`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Plan:
     prompt: str | None  # the last user turn, for semantic matching; None when there is none
     read: bool = True
     write: bool = True
+    skipped: bool = False  # the semantic lookup was skipped (embedder behind): the answer is kept exact-only
     max_age: float | None = None  # only entries younger than this (Cache-Control: max-age)
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
@@ -84,12 +86,14 @@ def plan(
     if isinstance(options.get("max_age"), int | float):
         max_age = float(options["max_age"])
     canonical = {k: v for k, v in data.items() if k not in _DELIVERY}
+    if request.operation != "chat":
+        # Completions and embeddings are matched exactly, never by meaning; the endpoint is in the key.
+        canonical["operation"] = request.operation
     namespace = principal if settings.namespace == "key" else "global"
     messages = canonical.get("messages") or []
     last = messages[-1] if messages else None
     prompt = _text(last) if isinstance(last, dict) and last.get("role") == "user" else None
     context_view = dict(canonical, messages=[*messages[:-1], {"role": "user"}]) if prompt else canonical
-    ttl = options.get("ttl")
     return Plan(
         namespace=namespace,
         model=request.model,
@@ -99,8 +103,15 @@ def plan(
         read=read,
         write=write,
         max_age=max_age,
-        ttl=float(ttl) if isinstance(ttl, int | float) and ttl > 0 else settings.ttl_seconds,
+        ttl=_ttl(options.get("ttl"), settings.ttl_seconds),
     )
+
+
+def _ttl(asked: Any, ceiling: float | None) -> float | None:
+    """A client's `iros.ttl` may shorten an entry's life, never lengthen it past the operator's."""
+    if not isinstance(asked, int | float) or asked <= 0:
+        return ceiling
+    return float(asked) if ceiling is None else min(float(asked), ceiling)
 
 
 def _options(raw: Any) -> dict[str, Any]:

@@ -19,16 +19,20 @@ REPLAY_PIECE = 24  # characters per replayed stream chunk
 
 
 def replay_json(entry: CacheEntry, request_id: str) -> bytes:
-    """The cached answer as a JSON body with this request's id and time."""
+    """The cached answer as a JSON body with this request's id and time (an embeddings list has neither)."""
     completion = orjson.loads(entry.body)
-    completion["id"] = f"chatcmpl-{request_id}"
-    completion["created"] = int(time.time())
+    if completion.get("object") != "list":
+        text = completion.get("object") == "text_completion"
+        completion["id"] = f"{'cmpl' if text else 'chatcmpl'}-{request_id}"
+        completion["created"] = int(time.time())
     return orjson.dumps(completion)
 
 
 def replay_chunks(entry: CacheEntry, request_id: str, include_usage: bool) -> list[bytes]:
     """The cached answer as the data of server-sent events, ending with the usage chunk if asked."""
     completion = orjson.loads(entry.body)
+    if completion.get("object") == "text_completion":
+        return _replay_text_chunks(completion, request_id, include_usage)
     base = {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion.chunk",
@@ -63,11 +67,37 @@ def replay_chunks(entry: CacheEntry, request_id: str, include_usage: bool) -> li
     return chunks
 
 
+def _replay_text_chunks(completion: dict[str, Any], request_id: str, include_usage: bool) -> list[bytes]:
+    """A cached legacy text completion as its stream: the text in pieces, then each choice's finish."""
+    base = {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": completion.get("model"),
+    }
+    chunks: list[bytes] = []
+    for choice in completion.get("choices") or []:
+        index, text = choice.get("index", 0), choice.get("text") or ""
+
+        def chunk(piece: str, finish: str | None = None, index: int = index) -> bytes:
+            part = {"text": piece, "index": index, "logprobs": None, "finish_reason": finish}
+            return orjson.dumps({**base, "choices": [part]})
+
+        chunks.extend(
+            chunk(text[start : start + REPLAY_PIECE]) for start in range(0, len(text), REPLAY_PIECE)
+        )
+        chunks.append(chunk("", choice.get("finish_reason")))
+    if include_usage and completion.get("usage") is not None:
+        chunks.append(orjson.dumps({**base, "choices": [], "usage": completion["usage"]}))
+    return chunks
+
+
 def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
     """A streamed answer put back together as a completion, or None if it cannot be faithfully."""
     choices: dict[int, dict[str, Any]] = {}
     first: dict[str, Any] | None = None
     usage = None
+    text = False
     for raw in chunks:
         try:
             data = orjson.loads(raw)
@@ -79,6 +109,9 @@ def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
         if isinstance(data.get("usage"), dict):
             usage = data["usage"]
         for choice in data.get("choices") or []:
+            if "text" in choice and "delta" not in choice:
+                text = True  # a legacy text completion's chunk
+                choice = {**choice, "delta": {"content": choice["text"]}}
             delta = choice.get("delta") or {}
             if "tool_calls" in delta or "function_call" in delta:
                 return None  # partial tool calls are not put back together: not cached
@@ -93,6 +126,23 @@ def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
                 slot["finish_reason"] = choice["finish_reason"]
     if first is None or not choices:
         return None
+    if text:
+        return {
+            "id": first.get("id"),
+            "object": "text_completion",
+            "created": first.get("created"),
+            "model": first.get("model"),
+            "choices": [
+                {
+                    "text": "".join(slot["content"]),
+                    "index": i,
+                    "logprobs": None,
+                    "finish_reason": slot["finish_reason"],
+                }
+                for i, slot in sorted(choices.items())
+            ],
+            "usage": usage,
+        }
     return {
         "id": first.get("id"),
         "object": "chat.completion",

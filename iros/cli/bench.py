@@ -1,6 +1,7 @@
 """`iros bench ...`: the benchmarks, each printing its figures as JSON on stdout (progress on stderr).
 
 iros bench overhead --concurrency 1,16,64 --duration 10
+iros bench overhead --concurrency 1,64 --cache default
 iros bench tsdb --samples 2000000
 iros bench cache-quality --limit 2000 --json     # per domain; --pairs FILE, repeated
 iros bench soak --duration 600 --rate 40
@@ -49,6 +50,17 @@ def bench_overhead(
         bool, typer.Option(help="also run an Iros with metrics collection off, to show what collection costs")
     ] = False,
     workers: Annotated[int, typer.Option(help="Iros worker processes (iros serve --workers)")] = 1,
+    otel: Annotated[
+        bool,
+        typer.Option(help="also run an Iros exporting OpenTelemetry (OTLP/HTTP), to show what export costs"),
+    ] = False,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="off, or default: the cache as configured by default, every request a new question "
+            "(a miss), and an Iros with the cache off under the same load in the same run"
+        ),
+    ] = "off",
 ) -> None:
     """The latency Iros adds: the same load at a zero-cost upstream (nginx), direct and through Iros."""
     from iros.bench.overhead import run_overhead
@@ -64,10 +76,18 @@ def bench_overhead(
         raise fail("--concurrency needs at least one number, each 1 or more")
     if duration <= 0:
         raise fail("--duration must be more than 0 seconds")
+    if cache not in ("off", "default"):
+        raise fail(f"--cache {cache!r}: off or default")
     try:
         check_tools()
         result = run_overhead(
-            levels, duration, warmup=warmup, metrics_baseline=metrics_baseline, iros_workers=workers
+            levels,
+            duration,
+            warmup=warmup,
+            metrics_baseline=metrics_baseline,
+            iros_workers=workers,
+            otel=otel,
+            cache=cache == "default",
         )
     except BenchError as exc:
         raise fail(str(exc)) from None
@@ -105,6 +125,18 @@ def bench_tsdb(
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         raise fail(f"bench tsdb: {exc}") from None
     print_json(result)
+
+
+@bench_app.command("otel")
+def bench_otel(
+    requests: Annotated[int, typer.Option(help="synthetic finished requests to export")] = 2000,
+) -> None:
+    """CPU that OpenTelemetry export spends per request (spans, instruments, OTLP encoding), in-process."""
+    from iros.bench.otel import run_otel_bench
+
+    if requests < 1:
+        raise fail("--requests must be 1 or more")
+    print_json(run_otel_bench(requests=requests))
 
 
 @bench_app.command("collector")
@@ -231,7 +263,8 @@ def bench_cache_latency(
     entries: Annotated[int, typer.Option(min=1, help="paraphrase pairs whose a is stored")] = 1000,
     duration: Annotated[float, typer.Option(help="seconds of lookups per concurrency level")] = 3.0,
 ) -> None:
-    """Exact and semantic hit latency in-process, and semantic lookups/s at concurrency 1, 8 and 32."""
+    """Exact and semantic hit and miss latency in-process, and semantic lookups/s (and how many were
+    skipped) at concurrency 1, 8, 32 and 64."""
     from iros.bench.cache import run_cache_latency
 
     if duration <= 0:
@@ -266,10 +299,22 @@ def bench_workload(
         ),
     ] = False,
     pairs: PairsOption = None,
-    requests: Annotated[int, typer.Option(min=1, help="requests in the stream")] = 2000,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="requests in the stream (default 2000; 200 on a real model)")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once")] = 16,
     profile: Annotated[str, typer.Option(help="the simulated model's latency profile")] = "lightweight",
     seed: Annotated[int, typer.Option(help="seed of the stream")] = 7,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="a real OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1"),
+    ] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="the model name --upstream serves")] = None,
+    connections: Annotated[int, typer.Option(min=1, help="max_connections to --upstream")] = 1,
+    local_model: Annotated[
+        bool, typer.Option("--local-model", help="llama.cpp serving SmolLM2, started for the run")
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per answer of a real model")] = 48,
 ) -> None:
     """A Zipf stream of repeated, paraphrased and one-off questions through `iros serve`, cache on vs off."""
     if by_meaning:
@@ -279,10 +324,26 @@ def bench_workload(
 
     if profile not in PROFILES:
         raise fail(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    if upstream is not None and local_model:
+        raise fail("give --upstream or --local-model, not both")
+    if upstream is not None and not upstream.startswith(("http://", "https://")):
+        raise fail(f"--upstream must be an http(s) URL ending in /v1, not {upstream!r}")
+    real = upstream is not None or local_model
+    count = requests or (200 if real else 2000)
 
     def run(data: Any, progress: Any) -> dict[str, Any]:
         return run_workload(
-            data, requests=requests, concurrency=concurrency, profile=profile, seed=seed, progress=progress
+            data,
+            requests=count,
+            concurrency=concurrency,
+            profile=profile,
+            seed=seed,
+            progress=progress,
+            upstream=upstream,
+            upstream_model=upstream_model,
+            connections=connections,
+            local_model=local_model,
+            max_tokens=max_tokens,
         )
 
     result = _cache_bench("workload", pairs, None, run)

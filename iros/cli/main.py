@@ -22,6 +22,7 @@ from iros import __version__
 from iros.cli.bench import bench_app
 from iros.cli.common import ConfigOption, err, fail, load_config
 from iros.config import ConfigError
+from iros.otel.env import OtelEnv
 
 app = typer.Typer(
     help="Iros: an OpenAI-compatible gateway that makes LLM responses faster, cheaper and observable.",
@@ -77,7 +78,7 @@ def _local_model() -> Iterator[Any]:
 
     try:
         with err.status("starting llama.cpp with SmolLM2-135M-Instruct"):
-            llama = LlamaServer().start()
+            llama = LlamaServer(embedding=True).start()
     except ProcessFailed as exc:
         raise fail(f"cannot start the local model: {exc}") from None
     err.print(f"  local model: llama.cpp serving {llama.model} at {llama.base_url} (log: {llama.log_path})")
@@ -90,6 +91,11 @@ def _local_model() -> Iterator[Any]:
 def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) -> None:
     settings = load_config(config, overrides)
     _setup_logging(settings.server.log_level)
+    try:
+        # Checked here too: with --workers each worker reads OTEL_* itself, after this banner.
+        otel = OtelEnv.read(os.environ)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
 
     import uvicorn
 
@@ -120,10 +126,18 @@ def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) 
         f"  dashboard: [cyan]{base}/dashboard/optimization[/]\n"
         f"  OpenAI base URL: [cyan]{base}/v1[/]   health: {base}/health   ready: {base}/ready\n"
         f"  metrics: {base}/metrics   live: {base}/api/metrics/stream   data: {s.data_dir}\n"
-        f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}",
+        f"  auth: {'open (loopback only)' if settings.auth.open else 'API keys required'}"
+        + (
+            f"\n  OpenTelemetry (OTEL_*): traces {','.join(otel.traces) or 'off'}, "
+            f"metrics {','.join(otel.metrics) or 'off'}"
+            if otel is not None
+            else ""
+        ),
         highlight=False,
         soft_wrap=True,
     )
+    from iros.server.protocol import ConnectionLimits
+
     uvicorn.run(
         application,
         factory=workers > 1,
@@ -131,15 +145,16 @@ def _serve(config: Path | None, overrides: dict[str, Any] | None, workers: int) 
         host=s.host,
         port=s.port,
         loop="uvloop" if _has_uvloop() else "asyncio",
-        http="httptools",
-        ws="websockets-sansio",
+        # httptools and websockets-sansio, with header and body deadlines and connections per address.
+        **ConnectionLimits.of(s).uvicorn_options(),
         lifespan="on",
         access_log=False,
         log_config=None,
         log_level=s.log_level,
         server_header=False,
-        # No proxy is trusted to name client addresses, so uvicorn's forwarded-headers middleware is off.
-        proxy_headers=False,
+        # Only the configured proxies may name the client's address and scheme (X-Forwarded-For/-Proto).
+        proxy_headers=bool(s.trusted_proxies),
+        forwarded_allow_ips=s.trusted_proxies or None,
         timeout_graceful_shutdown=int(s.shutdown_timeout_seconds) or None,
     )
 

@@ -18,6 +18,7 @@ from iros.analysis.render import render_table, write_html
 from iros.analysis.reports import KINDS, build_report
 from iros.config import Settings
 from iros.core.timefmt import TimeError, parse_time
+from iros.gateway.spend import SQLiteSpendStore
 from iros.metrics.monitor import build_store
 
 
@@ -60,9 +61,15 @@ def run_report(
 async def _build(settings: Settings, kind: str, end: float, data_dir: Path) -> dict[str, Any]:
     store = build_store(settings.metrics_collection, data_dir)
     await store.start()
+    # The spend ledger, when `iros serve` kept one here: the report's cost lines.
+    spend = SQLiteSpendStore(data_dir / "spend.db") if (data_dir / "spend.db").exists() else None
     try:
+        if spend is not None:
+            await spend.start()
         return await build_report(
-            kind, store, end, settings.performance_targets, settings.server.max_concurrency
+            kind, store, end, settings.performance_targets, settings.server.max_concurrency, spend
         )
     finally:
+        if spend is not None:
+            await spend.close()
         await store.close()

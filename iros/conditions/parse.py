@@ -69,6 +69,7 @@ from iros.conditions.tree import (
     series_names,
     unknown_name,
 )
+from iros.core.limits import MAX_NESTING, paren_depth
 from iros.core.timefmt import format_duration, parse_duration
 from iros.metrics.catalog import METRICS
 
@@ -325,6 +326,8 @@ def parse_condition(text: str, allow_for: bool = True) -> Condition:
         raise ConditionError("the condition is empty: write e.g. response_time_p95 > 5000")
     if len(text) > MAX_CONDITION_CHARS:
         raise ConditionError(f"the condition is {len(text)} characters long; at most {MAX_CONDITION_CHARS}")
+    if (depth := paren_depth(text)) > MAX_NESTING:
+        raise ConditionError(f"the condition nests parentheses {depth} deep; at most {MAX_NESTING}")
     try:
         tree = _parser().parse(text)
         expr, for_seconds = _Build().transform(tree)

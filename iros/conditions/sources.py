@@ -191,7 +191,7 @@ class _Scan:
 
 # Which catalog series each section of the KPI report reads, and which KPIs it gives.
 _SECTION_METRICS = {
-    "response": ("response_time_ms", "overhead_ms", "cpu_usage_percent"),
+    "response": ("response_time_ms", "overhead_ms", "cpu_usage_percent", "cpu_per_response_percent"),
     "experience": (
         "response_time_ms", "ttft_ms", "tpot_ms", "stream_max_gap_ms", "stream_stalls", "user_satisfaction",
         "relevance",

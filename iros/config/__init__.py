@@ -24,8 +24,10 @@ from iros.config.alerting import (
 from iros.config.base import Duration, Strict
 from iros.config.loading import DEFAULT_CONFIG, ConfigError, format_errors, load_settings, read_yaml, redacted
 from iros.config.settings import (
+    MIN_KEY_CHARS,
     AuthSettings,
     AutoOptimization,
+    Budget,
     CacheSettings,
     CacheStoreSettings,
     CircuitBreakerSettings,
@@ -42,6 +44,7 @@ from iros.config.settings import (
     OptimizationCriteria,
     OptimizationRule,
     OptimizationSettings,
+    Pricing,
     ReportsSettings,
     RetrySettings,
     ServerSettings,
@@ -53,12 +56,14 @@ from iros.config.settings import (
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "MIN_KEY_CHARS",
     "AlertRetrySettings",
     "AlertRuleSettings",
     "AlertingSettings",
     "AlertmanagerChannelConfig",
     "AuthSettings",
     "AutoOptimization",
+    "Budget",
     "CacheSettings",
     "CacheStoreSettings",
     "ChannelSettings",
@@ -81,6 +86,7 @@ __all__ = [
     "OptimizationCriteria",
     "OptimizationRule",
     "OptimizationSettings",
+    "Pricing",
     "ReportsSettings",
     "RetrySettings",
     "ServerSettings",

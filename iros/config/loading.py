@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from iros.config.settings import Settings
 from iros.core.errors import error_path
+from iros.core.redact import redact_urls
 
 DEFAULT_CONFIG = "default.yaml"
 
@@ -99,8 +100,9 @@ def _known_fields(loc: tuple[int | str, ...]) -> list[str]:
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective settings, with every key and secret replaced by a marker."""
-    data = settings.model_dump(mode="json")
+    """The effective settings, with every key and secret replaced by a marker, and every URL's
+    userinfo (models, embedder, Redis, Prometheus, channels) by ***."""
+    data: dict[str, Any] = redact_urls(settings.model_dump(mode="json"))
     for kind in ("api_keys", "admin_keys"):
         data["auth"][kind] = [
             {"name": k["name"], "key_env": k["key_env"], "key": "***"} for k in data["auth"][kind]

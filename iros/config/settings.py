@@ -7,7 +7,9 @@ Settings(**data)                               # validates; config/loading.py re
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -22,6 +24,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from iros.config.alerting import AlertingSettings, LiveAlertingSettings
 from iros.config.base import Strict
 
+MIN_KEY_CHARS = 16  # the shortest API or admin key accepted on a non-loopback bind
+
 
 class ServerSettings(Strict):
     host: str = "127.0.0.1"
@@ -30,8 +34,24 @@ class ServerSettings(Strict):
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="all request headers together; beyond: 431")
     max_headers: int = Field(100, ge=8, description="request header fields; beyond: 431")
     body_timeout_seconds: float = Field(
-        30.0, gt=0, description="time for a request body to arrive; beyond: 408"
+        30.0, gt=0, description="time for a request body to arrive after its headers; beyond: 408"
     )
+    # Connection limits (iros/server/protocol.py): what a socket may hold without sending a request.
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="time for a request line and headers to arrive; beyond: 408, closed"
+    )
+    body_start_timeout_seconds: float = Field(
+        10.0, gt=0, description="time from the headers to the body's first byte; beyond: 408, closed"
+    )
+    keep_alive_seconds: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this")
+    max_connections_per_address: int = Field(
+        128, ge=0, description="open connections from one client address; beyond: 429, closed; 0: no cap"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="proxy addresses (IPs or networks) whose X-Forwarded-For/-Proto are believed",
+    )
+    secure_cookie: bool = Field(False, description="always mark the session cookie Secure (TLS in front)")
     max_concurrency: int = Field(512, ge=1, description="requests served at once; the rest wait in the queue")
     max_queue: int = Field(2048, ge=0, description="requests waiting for a slot; beyond it a 429")
     queue_timeout_seconds: float = Field(30.0, gt=0)
@@ -39,6 +59,23 @@ class ServerSettings(Strict):
     access_log: bool = False
     data_dir: str = Field("iros-data", description="SQLite databases and other state; created if missing")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+
+class Budget(Strict):
+    """Spend allowed to one key per calendar period (UTC); once spent, its model requests get 429."""
+
+    usd: float = Field(gt=0, description="US dollars a period")
+    period: Literal["day", "week", "month"] = "month"
 
 
 class KeyEntry(Strict):
@@ -51,6 +88,7 @@ class KeyEntry(Strict):
     requests_per_minute: float | None = Field(
         None, gt=0, description="this key's rate limit; overrides auth.requests_per_minute"
     )
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyEntry:
@@ -91,6 +129,16 @@ class TimeoutSettings(Strict):
     read_seconds: float = Field(120.0, gt=0, description="longest silence between two bytes from upstream")
 
 
+class Pricing(Strict):
+    """What a deployment's tokens cost, in US dollars per million."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens the upstream served from its own cache (default: input price)"
+    )
+
+
 class ModelSettings(Strict):
     name: str = Field(min_length=1, max_length=128)
     backend: Literal["openai", "simulated"] = "openai"
@@ -107,6 +155,7 @@ class ModelSettings(Strict):
         256, ge=0, description="requests waiting for one of max_connections; beyond it the next candidate"
     )
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    pricing: Pricing | None = Field(None, description="per-million-token prices; none: answers cost 0")
 
     @field_validator("base_url")
     @classmethod
@@ -119,11 +168,21 @@ class ModelSettings(Strict):
     def _backend_needs(self) -> ModelSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        _one_credential(self.base_url, self.api_key_env)
         return self
 
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
+
+
+def _one_credential(base_url: str | None, api_key_env: str | None) -> None:
+    # The HTTP client cannot send both (every request and /ready would fail): say so at load.
+    if base_url and api_key_env and "@" in urlsplit(base_url).netloc:
+        raise ValueError(
+            "base_url holds credentials (user:password@) and api_key_env names a key: give one of "
+            "them (a bearer key in api_key_env, or basic auth in the URL)"
+        )
 
 
 class RetrySettings(Strict):
@@ -216,12 +275,35 @@ class EmbedderSettings(Strict):
     model: str = Field("all-MiniLM-L6-v2", description="local: the packaged MiniLM; openai: the model name")
     base_url: str | None = Field(None, description="openai backend: the server's /v1 URL")
     api_key_env: str | None = None
+    runtime: Literal["onnx", "torch"] = Field(
+        "onnx", description="local: ONNX Runtime on the CPU (no torch), or torch (CUDA when present)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, le=64, description="local: model threads (default: half the cores)"
+    )
     max_batch: int = Field(64, ge=1, le=1024, description="texts embedded together")
     max_wait_ms: float = Field(
         2.0, ge=0, le=100, description="how long a lookup waits for others to batch with"
     )
+    skip_after_ms: float | None = Field(
+        10.0,
+        ge=0,
+        description="a lookup that would wait longer than this behind other embeddings is skipped "
+        "(served as a miss), never queued; null: always wait",
+    )
+    lookup_timeout_ms: float | None = Field(
+        None,
+        gt=0,
+        description="a lookup whose embedding takes longer than this is skipped (a miss); "
+        "default: 100 for the local model, timeout_seconds for a server",
+    )
     timeout_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EmbedderSettings:
+        _one_credential(self.base_url, self.api_key_env)
+        return self
 
 
 class CacheVerificationSettings(Strict):
@@ -420,6 +502,24 @@ class Settings(BaseSettings):
                 f"auth.open serves anyone who can reach {self.server.host}; "
                 "bind server.host to 127.0.0.1 or configure auth.api_keys"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _long_keys_off_loopback(self) -> Settings:
+        # On a public bind a key is all that stands between the internet and the models: a short one
+        # is guessed (wrong keys are only slowed, never locked out: iros.gateway.keyguard).
+        if _is_loopback(self.server.host):
+            return self
+        for kind in ("api_keys", "admin_keys"):
+            for i, entry in enumerate(getattr(self.auth, kind)):
+                key = entry.key or (os.environ.get(entry.key_env) if entry.key_env else None)
+                if key is not None and len(key.strip()) < MIN_KEY_CHARS:
+                    where = f"auth.{kind}[{i}]" + (f" ({entry.name})" if entry.name else "")
+                    raise ValueError(
+                        f"{where}: a key on a public bind ({self.server.host}) needs at least "
+                        f"{MIN_KEY_CHARS} characters; this one has {len(key.strip())} "
+                        "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                    )
         return self
 
     @model_validator(mode="after")

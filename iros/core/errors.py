@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import orjson
 
+from iros.core.redact import redact_text
+
 
 class IrosError(Exception):
     """An error a client sees, with its HTTP status."""
@@ -59,15 +61,26 @@ def error_path(loc: tuple[int | str, ...], tagged: tuple[str, ...] = ()) -> str:
 
 
 UpstreamKind = Literal["connect", "timeout", "status", "protocol", "truncated"]
+# What a client is told of each kind of failure: never the model server's address, which may hold
+# credentials (and is the operator's business); the log has the details, userinfo redacted.
+_TOLD = {
+    "connect": "could not connect to the model server",
+    "timeout": "the model server did not answer in time",
+    "protocol": "the model server answered with something other than a completion",
+    "truncated": "the model server cut the answer short",
+}
 
 
 class UpstreamError(Exception):
-    """A backend failed. `retryable` says whether another attempt (or deployment) may succeed."""
+    """A backend failed. `retryable` says whether another attempt (or deployment) may succeed.
+
+    The message is for the log: a URL's userinfo in it is redacted here, whoever raised it.
+    """
 
     def __init__(
         self, message: str, *, kind: UpstreamKind, status: int | None = None, body: bytes | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))
         self.kind = kind
         self.status = status
         self.body = body
@@ -78,17 +91,20 @@ class UpstreamError(Exception):
             return self.status is not None and (self.status >= 500 or self.status in (408, 409, 429))
         return True
 
-    def to_client(self) -> IrosError:
-        """What the client is told once no attempt is left."""
+    def to_client(self, model: str) -> IrosError:
+        """What the client is told once no attempt is left: the model and the kind of failure."""
         if self.kind == "timeout":
             return IrosError(
-                504, f"upstream timed out: {self}", type="upstream_error", code="upstream_timeout"
+                504, f"model {model!r}: {_TOLD['timeout']}", type="upstream_error", code="upstream_timeout"
             )
         if self.kind == "status" and self.status is not None and 400 <= self.status < 500:
             if self.status in (401, 403):
                 # The gateway's own upstream credentials are wrong; the client's key is not at fault.
                 return IrosError(
-                    502, "upstream rejected Iros's credentials", type="upstream_error", code="upstream_auth"
+                    502,
+                    f"model {model!r}: the model server rejected Iros's credentials",
+                    type="upstream_error",
+                    code="upstream_auth",
                 )
             if self.status == 429:
                 return IrosError(
@@ -98,13 +114,14 @@ class UpstreamError(Exception):
                     code="upstream_rate_limited",
                     headers={"retry-after": "1"},
                 )
-            return _passthrough(self)
-        return IrosError(502, f"upstream failed: {self}", type="upstream_error", code=f"upstream_{self.kind}")
+            return _passthrough(self, model)
+        told = _TOLD.get(self.kind) or f"the model server answered HTTP {self.status}"
+        return IrosError(502, f"model {model!r}: {told}", type="upstream_error", code=f"upstream_{self.kind}")
 
 
-def _passthrough(exc: UpstreamError) -> IrosError:
+def _passthrough(exc: UpstreamError, model: str) -> IrosError:
     # A 4xx from the model server is about the request: relay its message.
-    message, param, code = str(exc), None, None
+    message, param, code = f"model {model!r}: the model server answered HTTP {exc.status}", None, None
     try:
         err = orjson.loads(exc.body or b"{}").get("error")
         if isinstance(err, dict):
@@ -114,7 +131,7 @@ def _passthrough(exc: UpstreamError) -> IrosError:
             message = err
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    return IrosError(exc.status or 400, message, param=param, code=code)
+    return IrosError(exc.status or 400, redact_text(message), param=param, code=code)
 
 
 class StoreUnavailable(Exception):

@@ -3,8 +3,9 @@ answer whose model server reported no usage (llama.cpp's streams, for one).
 
 count_tokens("Hello, big world!")                 # 5: words with their leading space, punctuation marks
 count_prompt_tokens(request["messages"])          # every message's text and tool calls, plus framing
+count_input_tokens(request)                       # a chat, completions or embeddings request's input
 count_completion_tokens(parsed_chunks)            # a streamed answer's, from its chunks
-counted_usage(messages, completion)               # a whole answer's usage, as OpenAI reports it
+counted_usage(request, completion)                # a whole answer's usage, as OpenAI reports it
 """
 
 from __future__ import annotations
@@ -49,12 +50,32 @@ def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return 3 + sum(3 + count_message_tokens(m) for m in messages if isinstance(m, dict))
 
 
+def count_text_tokens(value: Any) -> int:
+    """Tokens of a legacy prompt or an embeddings input: a text, texts, a token list or token lists."""
+    if isinstance(value, str):
+        return count_tokens(value)
+    if isinstance(value, list):
+        return sum(1 if isinstance(v, int) else count_text_tokens(v) for v in value)
+    return 0
+
+
+def count_input_tokens(request: dict[str, Any]) -> int:
+    """The input tokens of a request: its messages (chat), its prompt (completions) or input (embeddings)."""
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        return count_prompt_tokens(messages)
+    return max(count_text_tokens(request.get("prompt", request.get("input"))), 1)
+
+
 def count_completion_tokens(chunks: list[dict[str, Any]]) -> int:
     """Tokens of a streamed answer, from its parsed chunks: the chunks that carry text or tool-call parts
     (OpenAI-compatible servers, llama.cpp's among them, stream a token a chunk); at least 1."""
     pieces = 0
     for chunk in chunks:
         for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("text"), str) and choice["text"]:
+                pieces += 1  # a legacy text completion's chunk
+                continue
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
@@ -67,13 +88,20 @@ def count_completion_tokens(chunks: list[dict[str, Any]]) -> int:
     return max(pieces, 1)
 
 
-def counted_usage(messages: Any, completion: dict[str, Any]) -> dict[str, int]:
-    """OpenAI usage for a whole answer whose server reported none: its messages' tokens and its answer's."""
-    prompt = count_prompt_tokens(messages) if isinstance(messages, list) else 1
+def counted_usage(request: dict[str, Any], completion: dict[str, Any]) -> dict[str, int]:
+    """OpenAI usage for a whole answer whose server reported none: its request's tokens and its answer's
+    (an embeddings answer has input tokens only)."""
+    prompt = count_input_tokens(request)
+    if "choices" not in completion:
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
     answer = 0
     for choice in completion.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
         if isinstance(message, dict):
             answer += count_message_tokens(message)
+        elif isinstance(choice.get("text"), str):
+            answer += count_tokens(choice["text"])
     answer = max(answer, 1)
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}

@@ -17,8 +17,6 @@ from __future__ import annotations
 import html
 import importlib.util
 import logging
-import time
-from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from iros.core.errors import IrosError
 from iros.gateway.auth import KeyRing, Role
@@ -48,8 +46,6 @@ PLOTLY_JS = _plotly_js()
 PAGE = "/dashboard/optimization"
 LOGIN = "/dashboard/login"
 MAX_FORM_BYTES = 4096
-# Failed logins per client address in the last minute before the form answers 429.
-MAX_FAILURES = 10
 # plotly.js adds <style> elements at run time; nothing else inline is needed.
 CSP = (
     "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
@@ -101,7 +97,6 @@ class DashboardPages:
     def __init__(self, keyring: KeyRing, secure_cookie: bool = False) -> None:
         self.keyring = keyring
         self.secure_cookie = secure_cookie
-        self.failures: OrderedDict[str, list[float]] = OrderedDict()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -111,7 +106,7 @@ class DashboardPages:
             Route(LOGIN, self.login, methods=["POST"]),
             Route("/dashboard/logout", self.logout, methods=["POST"]),
             Route("/dashboard/static/plotly.min.js", self.plotly_js, methods=["GET"]),
-            Mount("/dashboard/static", app=StaticFiles(directory=STATIC), name="dashboard-static"),
+            Mount("/dashboard/static", app=_Secured(StaticFiles(directory=STATIC)), name="dashboard-static"),
         ]
 
     def _signed_in(self, request: Request) -> bool:
@@ -133,32 +128,16 @@ class DashboardPages:
     async def plotly_js(self, request: Request) -> Response:
         if not PLOTLY_JS.is_file():
             raise IrosError(503, "plotly.min.js is missing: reinstall with scripts/install", code="no_plotly")
-        return FileResponse(
-            PLOTLY_JS, media_type="text/javascript", headers={"cache-control": "public, max-age=86400"}
-        )
+        headers = {**_security_headers(), "cache-control": "public, max-age=86400"}
+        return FileResponse(PLOTLY_JS, media_type="text/javascript", headers=headers)
 
     async def login_form(self, request: Request) -> Response:
         if self._signed_in(request):
             return RedirectResponse(PAGE, status_code=303)
         return HTMLResponse(_login_html(), headers=_page_headers())
 
-    def _too_many(self, client: str) -> bool:
-        now = time.monotonic()
-        recent = [t for t in self.failures.get(client, []) if now - t < 60]
-        self.failures[client] = recent
-        self.failures.move_to_end(client)
-        while len(self.failures) > 10_000:  # bounded: the oldest addresses are forgotten
-            self.failures.popitem(last=False)
-        return len(recent) >= MAX_FAILURES
-
     async def login(self, request: Request) -> Response:
-        client = request.client.host if request.client else "unknown"
-        if self._too_many(client):
-            return HTMLResponse(
-                _login_html("Too many failed attempts: wait a minute and try again."),
-                status_code=429,
-                headers=_page_headers(),
-            )
+        # Wrong keys slow their address down (iros.gateway.keyguard, around every route): never a lockout.
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -171,7 +150,6 @@ class DashboardPages:
             )
         token = self.keyring.issue_session(key) if key else None
         if token is None:
-            self.failures[client].append(time.monotonic())
             return HTMLResponse(
                 _login_html("That is not an admin key."), status_code=401, headers=_page_headers()
             )
@@ -188,18 +166,42 @@ class DashboardPages:
         return response
 
     async def logout(self, request: Request) -> Response:
+        # The session ends on the server too: the old cookie fails in every worker from now on.
+        # The cookie arrives as "Session <token>" only from this site (SessionCookieMiddleware).
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        if scheme == "Session" and token:
+            self.keyring.end_session(token.strip())
         response = RedirectResponse(LOGIN, status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
 
 
 def _page_headers() -> dict[str, str]:
+    return {**_security_headers(), "cache-control": "no-store"}
+
+
+def _security_headers() -> dict[str, str]:
     return {
         "content-security-policy": CSP,
-        "cache-control": "no-store",
         "x-content-type-options": "nosniff",
         "referrer-policy": "same-origin",
     }
+
+
+class _Secured:
+    """The static files with the page's security headers: dashboard.html is reachable here too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.encode(), v.encode()) for k, v in _security_headers().items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, secured)
 
 
 def _login_html(error: str | None = None) -> str:

@@ -102,7 +102,7 @@ def grafana_dashboard(settings: Settings) -> dict[str, Any]:
         5,
         targets=[_target(cpu_avg, "cpu")],
         fieldConfig=_unit("percent", _thresholds(t["cpu_usage_percent"], True)),
-        description=f"CPU per response; target {t['cpu_usage_percent'].target:g} %",
+        description=f"Iros's CPU, share of the machine; target {t['cpu_usage_percent'].target:g} %",
     )
     g.add(
         "stat",

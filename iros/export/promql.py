@@ -69,7 +69,8 @@ def kpi_promql(name: str, window: str = LIVE_WINDOW) -> str:
         "count": f"sum(increase({RT}_count[{window}]))",
         "throughput_rps": hist_rate(RT, {}, window),
         "response_time_avg": hist_avg(RT, ok, window, 1000),
-        "cpu_usage_avg": hist_avg(m["cpu_usage_percent"].prom, {}, window),
+        "cpu_usage_avg": f"sum(avg_over_time({m['cpu_usage_percent'].prom}[{window}]))",
+        "cpu_per_response_avg": hist_avg(m["cpu_per_response_percent"].prom, {}, window),
         "error_rate": _ratio(hist_rate(RT, {"outcome": "!ok"}, window), hist_rate(RT, {}, window)),
         "availability": "(1 - "
         + _ratio(hist_rate(RT, {"outcome": "server_error"}, window), hist_rate(RT, {}, window))

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from enum import IntEnum
 
-from iros.config import AuthSettings, ConfigError, KeyEntry
+from iros.config import AuthSettings, Budget, ConfigError, KeyEntry
 from iros.core.errors import IrosError
 from iros.gateway.sessions import Sessions
 
@@ -41,9 +41,12 @@ class KeyRing:
         # put there by the dashboard's SessionCookieMiddleware.
         self.sessions = sessions
         self._by_digest: dict[str, Principal] = {}
+        self.budgets: dict[str, Budget] = {}  # key name -> its spending budget (gateway/budgets.py)
         for role, entries in ((Role.CLIENT, settings.api_keys), (Role.ADMIN, settings.admin_keys)):
             for i, entry in enumerate(entries):
                 digest, name = self._resolve(entry, f"{role.name.lower()}-{i}")
+                if entry.budget is not None:
+                    self.budgets.setdefault(name, entry.budget)
                 known = self._by_digest.get(digest)
                 # A key listed as both keeps the stronger role.
                 if known is None or known.role < role:
@@ -80,6 +83,13 @@ class KeyRing:
             return None
         digest, principal = found
         return self.sessions.issue(principal.name, digest)
+
+    def end_session(self, token: str) -> bool:
+        """Logout: a valid session token is revoked in every worker; False for anything else."""
+        if self.sessions is None or self.check_session(token) is None:
+            return False
+        self.sessions.revoke(token)
+        return True
 
     def check_session(self, token: str) -> Principal | None:
         name = self.sessions.verify(token, self.digest_of) if self.sessions is not None else None

@@ -1,4 +1,8 @@
-"""The request pipeline of /v1/chat/completions: auth → parse → cache → route → queue → call → respond.
+"""The request pipeline of the model API: auth → parse → cache → route → queue → call → respond.
+
+One pipeline serves /v1/chat/completions, /v1/completions (the legacy text API) and /v1/embeddings
+(core/schema.py's OPERATIONS): each is validated by its own schema, cached exactly (chat semantically
+too), routed, failed over and metered the same way; the backend is told which endpoint to call.
 
 A plain ASGI app, the one hot path of Iros: every microsecond here is added to every answer, so it
 speaks ASGI directly instead of going through a framework's request and response objects.
@@ -11,9 +15,7 @@ await gateway(scope, receive, send)           # streams go out through stream_re
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,11 +31,15 @@ from iros.cache.plan import SHARED, Plan
 from iros.config import Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
-from iros.core.record import Observer, RequestRecord, log_access, note_result, upstream_ms
-from iros.core.schema import ParsedRequest, parse_request
+from iros.core.record import Observer, RequestIds, RequestRecord, log_access, note_result, upstream_ms
+from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
+from iros.core.tracecontext import TraceContext
 from iros.gateway.auth import KeyRing
+from iros.gateway.budgets import Budgets
+from iros.gateway.costs import Prices, cost
+from iros.gateway.keyguard import KeyGuard
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
 from iros.gateway.singleflight import SingleFlight, request_key
@@ -57,21 +63,29 @@ class Gateway:
         keyring: KeyRing,
         admission: Admission,
         cache: ResponseCache | None = None,
+        guard: KeyGuard | None = None,
+        tracing: Callable[[bytes | None], TraceContext] | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.settings = settings
+        # Set only while traces are exported (OTEL_*): the request's trace from the client's traceparent.
+        self.tracing = tracing
+        self.budgets = budgets
         self.cache = cache
         self.router = router
         self.keyring = keyring
         self.admission = admission
         self.max_body = settings.server.max_body_bytes
         self.ratelimit = RateLimiter(settings.auth.burst)
+        # Wrong keys slow their address down (the other routes share it through KeyGuardMiddleware).
+        self.guard = guard or KeyGuard()
         self.observers: list[Observer] = []
+        self.prices = Prices(settings.models)
         metrics = settings.metrics_collection
         self.stall_ns = int(metrics.stall_threshold_ms * 1e6)
         self.sample_rate = metrics.relevance_sample_rate if metrics.enabled else 0.0
-        # Request ids: a random per-process prefix and a counter; unique across workers, cheaper than uuid4.
-        self._id_prefix = os.urandom(5).hex()
-        self._ids = itertools.count(1)
+        # Random, so that no key can guess another's (feedback names a request by its id).
+        self._next_id = RequestIds()
         if settings.server.access_log:
             self.observers.append(log_access)
         # Identical requests in flight at once share one upstream call.
@@ -79,15 +93,20 @@ class Gateway:
             SingleFlight() if settings.optimization.single_flight else None
         )
         self.observers.append(self._measure)
+        if budgets is not None:
+            self.observers.append(budgets.observe)  # every priced answer to the ledger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         spans = Spans()
-        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), spans)
+        record = RequestRecord(self._next_id(), time.time(), spans)
+        if self.tracing is not None:
+            record.trace = self.tracing(_header(scope, b"traceparent"))
         try:
+            operation = record.operation = OPERATIONS[scope["path"]]
             if scope["method"] != "POST":
                 raise IrosError(
                     405,
-                    "use POST for /v1/chat/completions",
+                    f"use POST for {scope['path']}",
                     code="method_not_allowed",
                     headers={"allow": "POST"},
                 )
@@ -99,11 +118,23 @@ class Gateway:
                     content_length = value
                 elif name == b"cache-control":
                     cache_control = value
-            principal = self.keyring.authenticate(authorization)
+            guard = self.guard
+            if guard.active and (delay := guard.penalty(_address(scope), authorization)):
+                await asyncio.sleep(delay)  # this address is guessing keys: it waits before the check
+            try:
+                principal = self.keyring.authenticate(authorization)
+            except IrosError as exc:
+                if exc.status == 401 and authorization is not None:
+                    guard.failed(_address(scope))
+                raise
+            if guard.active:
+                guard.passed(_address(scope), authorization)
             record.principal = principal.name
             self.ratelimit.check(principal)
+            if self.budgets is not None:
+                self.budgets.check(principal)
             spans.lap("auth")
-            request = parse_request(await self._read_body(receive, content_length))
+            request = parse_request(await self._read_body(receive, content_length), operation)
             record.model, record.stream = request.model, request.stream
             if self.sample_rate and random.random() < self.sample_rate:
                 record.sampled, record.payload = True, request.data
@@ -198,7 +229,7 @@ class Gateway:
     async def _once(self, model: str, data: dict[str, Any]) -> tuple[Deployment, Completion, Spans]:
         """One whole answer through routing, admission and failover, for Iros's own questions."""
         candidates = self.router.candidates(model)
-        record = RequestRecord(f"{self._id_prefix}{next(self._ids):012x}", time.time(), Spans())
+        record = RequestRecord(self._next_id(), time.time(), Spans())
         await self.admission.acquire()
         try:
 
@@ -224,6 +255,10 @@ class Gateway:
         completion = orjson.loads(hit.entry.body)
         note_result(record, completion)
         record.status, record.deployment = 200, f"{hit.entry.model}#cache"
+        record.cost_usd, record.saved_usd = (
+            0.0,
+            cost(self.prices.of_model(hit.entry.model), record.usage) or 0.0,
+        )
         if not request.stream:
             body = ResponseCache.replay_json(hit, record.request_id)
             record.body_bytes = len(body)
@@ -315,7 +350,7 @@ class Gateway:
         spans = record.spans
 
         async def complete(deployment: Deployment) -> Completion:
-            return await deployment.backend.complete(request.data, spans)
+            return await deployment.backend.complete(request.data, spans, request.operation)
 
         async def upstream() -> tuple[Deployment, Completion]:
             return await self._call(candidates, record, complete)
@@ -323,7 +358,7 @@ class Gateway:
         if self.flight is None:
             deployment, completion = await upstream()
         else:
-            key = request_key(record.principal, request.data)
+            key = request_key(f"{record.principal}\0{request.operation}", request.data)
             (deployment, completion), shared = await self.flight.do(key, upstream)
             if shared:
                 # The wait was for the model's answer: upstream time, not Iros's.
@@ -333,10 +368,12 @@ class Gateway:
         note_result(record, completion.data)
         if not record.usage:
             # The body goes out as the server wrote it; the metrics get the usage Iros counts.
-            record.usage, record.usage_counted = (
-                counted_usage(request.data.get("messages"), completion.data),
-                True,
-            )
+            record.usage, record.usage_counted = counted_usage(request.data, completion.data), True
+        price = cost(deployment.settings.pricing, record.usage)
+        if record.coalesced:
+            record.cost_usd, record.saved_usd = 0.0, price or 0.0  # the call's owner paid for it
+        else:
+            record.cost_usd = price
         record.status = 200
         record.body_bytes = len(completion.body)
         if record.sampled:
@@ -364,7 +401,7 @@ class Gateway:
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
         async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
-            chunks = deployment.backend.stream(request.data, spans)
+            chunks = deployment.backend.stream(request.data, spans, request.operation)
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
@@ -388,7 +425,7 @@ class Gateway:
                 keep,
                 stall_ns=self.stall_ns,
                 selector=self.router.selector,
-                messages=request.data.get("messages"),
+                payload=request.data,
                 include_usage=request.include_usage,
             )
         finally:
@@ -412,6 +449,18 @@ class Gateway:
             await send({"type": "http.response.body", "body": body})
         except OSError:
             pass
+
+
+def _address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _too_large(limit: int) -> IrosError:

@@ -1,11 +1,12 @@
 """The streamed answer's relay: upstream chunks to the client as SSE, timed, cut cleanly on either side.
 
 ok = await relay(chunks, first, deployment, record, receive, send, keep, stall_ns=..., selector=...,
-                 messages=request["messages"], include_usage=True)
+                 payload=request.data, include_usage=True)
 # True once [DONE] went out; a failed upstream ends with an error event (never [DONE]), a client that
 # hangs up cancels the upstream (record.status 499). Headers are sent first, from response_headers().
 # A stream that reported no usage (llama.cpp's) gets it counted by Iros (record.usage_counted), sent as
 # the usage chunk a client asked for with stream_options.include_usage, and kept with the cached answer.
+# Its cost (gateway/costs.py) goes out just before [DONE] as the SSE comment ": x-iros-cost-usd 0.0001".
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from starlette.types import Receive, Send
 
 from iros.core.errors import UpstreamError
 from iros.core.record import NOTABLE_CHUNK, RequestRecord, note_chunk
-from iros.core.tokens import count_completion_tokens, count_prompt_tokens
+from iros.core.tokens import count_completion_tokens, count_input_tokens
+from iros.gateway.costs import cost, cost_header
 from iros.routing.router import Deployment
 from iros.routing.selection import Selector
 
@@ -38,17 +40,21 @@ DONE = b"data: [DONE]\n\n"
 
 
 def response_headers(
-    record: RequestRecord, model: str, base: list[tuple[bytes, bytes]]
+    record: RequestRecord, model: str, base: list[tuple[bytes, bytes]], priced: bool = True
 ) -> list[tuple[bytes, bytes]]:
-    """`base` and Iros's own: request id, the model that answered, the cache outcome, the overhead so far."""
+    """`base` and Iros's own: request id, the model that answered, the cache outcome, the overhead so far,
+    and (`priced`: the answer is known) its cost; a relayed stream's cost comes at its end."""
     overhead = record.spans.overhead_ns(time.perf_counter_ns()) / 1e6
-    return [
+    headers = [
         *base,
         (b"x-iros-request-id", record.request_id.encode()),
         (b"x-iros-model", model.encode()),
         (b"x-iros-cache", record.cache.encode()),
         (b"x-iros-overhead-ms", b"%.3f" % overhead),
     ]
+    if priced:
+        headers.append((b"x-iros-cost-usd", cost_header(record)))
+    return headers
 
 
 async def relay(
@@ -62,7 +68,7 @@ async def relay(
     *,
     stall_ns: int,
     selector: Selector,
-    messages: Any = None,
+    payload: dict[str, Any] | None = None,
     include_usage: bool = False,
 ) -> bool:
     """Relay the stream; True when it ended with [DONE]. `keep` collects the chunks for the cache."""
@@ -72,7 +78,7 @@ async def relay(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": response_headers(record, deployment.name, SSE),
+            "headers": response_headers(record, deployment.name, SSE, priced=False),
         }
     )
     spans.skip()
@@ -134,20 +140,31 @@ async def relay(
         spans.lap("stream")
         state["finished"] = True
         counted = None
-        if include_usage and answer and not record.usage:
-            counted = _count_usage(record, answer, messages)
-            await send({"type": "http.response.body", "body": b"data: %s\n\n" % counted, "more_body": True})
-        await send({"type": "http.response.body", "body": DONE})
+        pricing = deployment.settings.pricing
+        if answer and not record.usage and (include_usage or pricing is not None):
+            counted = _count_usage(record, answer, payload or {})
+            if include_usage:
+                await send(
+                    {"type": "http.response.body", "body": b"data: %s\n\n" % counted, "more_body": True}
+                )
+        record.cost_usd = cost(pricing, record.usage)
+        # The headers left before the answer was known: the cost goes last, as an SSE comment clients skip.
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b": x-iros-cost-usd %s\n\n%s" % (cost_header(record), DONE),
+            }
+        )
         if counted is None and answer and not record.usage:
             # For the metrics and the cached answer, once the client has all of it.
-            counted = _count_usage(record, answer, messages)
+            counted = _count_usage(record, answer, payload or {})
         if counted is not None and keep is not None:
             keep.append(counted)
         return True
     except UpstreamError as exc:
         spans.lap("stream")
         state["finished"] = True
-        error = exc.to_client()
+        error = exc.to_client(deployment.name)
         deployment.breaker.failure()
         selector.failure(deployment.name)
         record.error = error.code
@@ -169,13 +186,19 @@ async def relay(
         record.client_gone, record.status = True, 499
     finally:
         watcher.cancel()
+        if record.cost_usd is None and answer and deployment.settings.pricing is not None:
+            # Cut short by the client or the upstream: what was generated is billed all the same, and a
+            # client must not dodge its budget by hanging up before [DONE].
+            if not record.usage:
+                _count_usage(record, answer, payload or {})
+            record.cost_usd = cost(deployment.settings.pricing, record.usage)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
     return False
 
 
-def _count_usage(record: RequestRecord, answer: list[bytes], messages: Any) -> bytes:
+def _count_usage(record: RequestRecord, answer: list[bytes], payload: dict[str, Any]) -> bytes:
     """Usage for a stream whose server reported none, counted here and marked so (never zero), as the
     usage chunk OpenAI's servers end a stream with."""
     chunks = []
@@ -186,7 +209,7 @@ def _count_usage(record: RequestRecord, answer: list[bytes], messages: Any) -> b
             continue
         if isinstance(chunk, dict):
             chunks.append(chunk)
-    prompt = count_prompt_tokens(messages) if isinstance(messages, list) else 1
+    prompt = count_input_tokens(payload)
     completion = count_completion_tokens(chunks)
     record.usage = {
         "prompt_tokens": prompt,

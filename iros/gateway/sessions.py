@@ -5,6 +5,7 @@ sessions = Sessions.for_data_dir(Path("iros-data"))     # the secret file every 
 keyring = KeyRing(settings.auth, sessions)
 token = keyring.issue_session(admin_key)                 # None for a client key or an unknown one
 keyring.check_session(token)                             # the admin Principal, or None
+sessions.revoke(token)                                   # logout: this token fails in every worker
 """
 
 from __future__ import annotations
@@ -33,20 +34,29 @@ def _unb64(text: str) -> bytes:
 
 
 class Sessions:
-    """Stateless signed tokens: name.expiry.HMAC(secret, name|expiry|key digest).
+    """Signed tokens: name.expiry.id.HMAC(secret, name|expiry|id|key digest), with a random id per
+    sign-in.
 
     Every worker reads the same secret file in the data directory, so a token made by one is good in
-    all; removing the key from the config (or deleting the secret file) ends its sessions.
+    all; removing the key from the config (or deleting the secret file) ends its sessions. Logging out
+    appends the token's id to a revocation file beside the secret, which every worker rereads when it
+    changes (one stat per check), so a logged-out cookie fails everywhere at once; ids whose tokens
+    have expired anyway are skipped when it is read.
     """
 
-    def __init__(self, secret: bytes | Path, ttl: float = SESSION_SECONDS) -> None:
+    def __init__(
+        self, secret: bytes | Path, ttl: float = SESSION_SECONDS, revoked: Path | None = None
+    ) -> None:
         # A path is read (or created) at the first sign-in or check, not when the app is built.
         self._secret = secret
         self.ttl = ttl
+        self._revoked_path = revoked
+        self._revoked: dict[str, int] = {}  # session id -> its token's expiry
+        self._revoked_seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Sessions:
-        return cls(data_dir / "dashboard-session.key")
+        return cls(data_dir / "dashboard-session.key", revoked=data_dir / "dashboard-revoked")
 
     @property
     def secret(self) -> bytes:
@@ -62,29 +72,89 @@ class Sessions:
                 self._secret = secrets.token_bytes(32)
         return self._secret
 
-    def _sign(self, name: str, expiry: int, digest: str) -> str:
-        mac = hmac.new(self.secret, f"{name}|{expiry}|{digest}".encode(), hashlib.sha256)
+    def _sign(self, name: str, expiry: int, sid: str, digest: str) -> str:
+        mac = hmac.new(self.secret, f"{name}|{expiry}|{sid}|{digest}".encode(), hashlib.sha256)
         return _b64(mac.digest())
 
     def issue(self, name: str, digest: str) -> str:
         """A token for the key named `name` whose digest is `digest`."""
         expiry = int(time.time() + self.ttl)
-        return f"{_b64(name.encode())}.{expiry}.{self._sign(name, expiry, digest)}"
+        sid = secrets.token_urlsafe(12)
+        return f"{_b64(name.encode())}.{expiry}.{sid}.{self._sign(name, expiry, sid, digest)}"
 
     def verify(self, token: str, digest_of: Callable[[str], str | None]) -> str | None:
-        """The key name a valid, unexpired token was issued to, while that key is still configured
-        (`digest_of` gives its digest now); None otherwise."""
-        try:
-            raw_name, raw_expiry, mac = token.split(".")
-            name, expiry = _unb64(raw_name).decode(), int(raw_expiry)
-        except (ValueError, UnicodeDecodeError):
+        """The key name a valid, unexpired, not revoked token was issued to, while that key is still
+        configured (`digest_of` gives its digest now); None otherwise."""
+        parsed = _parse(token)
+        if parsed is None:
             return None
+        name, expiry, sid, mac = parsed
         digest = digest_of(name)
         if digest is None or expiry < time.time():
             return None
-        if not hmac.compare_digest(mac, self._sign(name, expiry, digest)):
+        if not hmac.compare_digest(mac, self._sign(name, expiry, sid, digest)):
+            return None
+        if sid in self._revoked_now():
             return None
         return name
+
+    def revoke(self, token: str) -> None:
+        """End the session of a token (logout) in every worker; a malformed token is ignored.
+
+        Only a token that verifies should be passed (the caller checks): the file grows by one short
+        line per logout."""
+        parsed = _parse(token)
+        if parsed is None:
+            return
+        _, expiry, sid, _ = parsed
+        self._revoked[sid] = expiry
+        if self._revoked_path is None:
+            return
+        try:
+            self._revoked_path.parent.mkdir(parents=True, exist_ok=True)
+            # One short append: atomic between workers (O_APPEND), so none is lost to another.
+            fd = os.open(self._revoked_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, f"{sid} {expiry}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning(
+                "cannot record a logout in %s (%s): other workers still accept it", self._revoked_path, exc
+            )
+
+    def _revoked_now(self) -> dict[str, int]:
+        path = self._revoked_path
+        if path is None:
+            return self._revoked
+        try:
+            st = path.stat()
+        except OSError:  # none yet (no logout), or unreadable: what this process knows
+            return self._revoked
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen != self._revoked_seen:
+            now = time.time()
+            revoked = dict(self._revoked)
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
+            for line in lines:
+                sid, _, expiry = line.partition(" ")
+                if expiry.isdigit() and int(expiry) >= now:
+                    revoked[sid] = int(expiry)
+            self._revoked = {sid: e for sid, e in revoked.items() if e >= now}
+            self._revoked_seen = seen
+        return self._revoked
+
+
+def _parse(token: str) -> tuple[str, int, str, str] | None:
+    """name, expiry, session id and signature of a token; None for anything else."""
+    try:
+        raw_name, raw_expiry, sid, mac = token.split(".")
+        return _unb64(raw_name).decode(), int(raw_expiry), sid, mac
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _load_secret(path: Path) -> bytes:

@@ -51,7 +51,7 @@ _DEFS = (
         ("model",),
     ),
     MetricDef(
-        "cpu_usage_percent",
+        "cpu_per_response_percent",
         "%",
         "Iros CPU time per response as a share of that response's time",
         "core",
@@ -154,6 +154,15 @@ _DEFS = (
     MetricDef(
         "memory_percent", "%", "host memory utilisation", "system", "gauge", "iros_system_memory_percent"
     ),
+    # The CPU KPI (performance_targets.cpu_usage_percent): what the gateway takes of the machine.
+    MetricDef(
+        "cpu_usage_percent",
+        "%",
+        "Iros CPU utilisation as a share of the machine (100 = every core busy)",
+        "system",
+        "gauge",
+        "iros_cpu_usage_percent",
+    ),
     MetricDef(
         "process_cpu_percent",
         "%",
@@ -243,6 +252,16 @@ _DEFS = (
         "gauge",
         "iros_event_loop_lag_seconds",
         1000.0,
+    ),
+    MetricDef(
+        "budget_used_ratio",
+        "ratio",
+        "share of its budget a key has spent this period (auth.api_keys[].budget)",
+        "core",
+        "gauge",
+        "iros_budget_used_ratio",
+        1.0,
+        ("key",),
     ),
     # Bottleneck analysis: each request's time per pipeline stage (spans.STAGES, plus `other` for
     # time between laps and `embedding`, `metering` measured beside the pipeline; see collector.py).

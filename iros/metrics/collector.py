@@ -62,7 +62,7 @@ class Frame:
 
 _PER_MODEL = (
     "overhead_ms",
-    "cpu_usage_percent",
+    "cpu_per_response_percent",
     "prompt_tokens",
     "completion_tokens",
     "content_length_bytes",
@@ -99,13 +99,15 @@ class Collector:
         self._batch: dict[SeriesKey, tuple[list[Floats], list[Floats]]] = {}  # per series: ts, values
         self.frames: deque[Frame] = deque()
         self.recent: deque[ResponseMetrics] = deque(maxlen=1000)
-        self._ids: dict[str, str] = {}  # request id -> the model that answered, oldest first
+        # request id -> (the model that answered, the key that asked), oldest first
+        self._ids: dict[str, tuple[str, str]] = {}
         self._model_of: dict[str, str] = {}
         self._feedback_seen: set[str] = set()
         self.dropped = 0
         self.responses = 0
         self.started_at = time.time()
         self._cpu_at = time.thread_time()
+        self._cpu_counted = False  # the CPU KPI's samples start once start-up work is over (started())
         self._loop_lag = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[Callable[[], None]] = []
@@ -136,6 +138,14 @@ class Collector:
         if stage in SIDE_STAGES:
             self._side.append((stage, time.time(), ms))
 
+    def gauge(self, name: str, labels: tuple[tuple[str, str], ...], value: float) -> None:
+        """A reading of a catalog gauge taken outside the sampler (a key's budget share): to /metrics,
+        the live window (so conditions read it) and the store."""
+        self._add(name, labels, time.time(), value)
+        found = self.exposition.gauges.get(name)
+        if found is not None:
+            self.exposition.child(found, tuple(v for _, v in labels)).set(value / METRICS[name].scale)  # type: ignore[attr-defined]
+
     def on_tick(self, listener: Callable[[], None]) -> None:
         """Call `listener` every live_interval_seconds (the live hub publishes then)."""
         self._listeners.append(listener)
@@ -150,6 +160,13 @@ class Collector:
             asyncio.create_task(self._watch_loop_lag()),
         ]
         await self.sample_system()
+
+    def started(self) -> None:
+        """Start-up work (loading the embedding model) is over: the CPU KPI counts from now on.
+
+        Loading takes a core for seconds; counted, a fresh gateway would read critical for a minute."""
+        self.sampler.restart_cpu()
+        self._cpu_counted = True
 
     async def close(self) -> None:
         await cancel_all(self._tasks)
@@ -288,10 +305,12 @@ class Collector:
         caches = [r.cache for r in records]
         statuses = [r.status for r in records]
         outcomes = [OUTCOMES.get(code) or outcome_of(code) for code in statuses]
-        self._ids.update(zip([r.request_id for r in records], models, strict=True))
+        owners = zip(models, [r.principal for r in records], strict=True)
+        self._ids.update(zip([r.request_id for r in records], owners, strict=True))
         self._forget()
         for labels, count in Counter(zip(models, map(code_label, statuses), caches, strict=True)).items():
             expo.child(expo.requests, labels).inc(count)  # type: ignore[attr-defined]
+        self._money(records, models)
         system = self.sampler.latest
         self.recent.extend(
             response_metrics(records[i], models[i], float(cpu_ms[i]), float(overhead[i]), system)
@@ -300,7 +319,7 @@ class Collector:
 
         columns = self._columns(records, table, total_ms)
         columns["overhead_ms"] = overhead
-        columns["cpu_usage_percent"] = 100 * cpu_ms / np.maximum(total_ms, 1e-9)
+        columns["cpu_per_response_percent"] = 100 * cpu_ms / np.maximum(total_ms, 1e-9)
         keys: dict[tuple[str, str, str], int] = {}
         group = np.array([keys.setdefault(k, len(keys)) for k in zip(models, caches, outcomes, strict=True)])
         answered: dict[str, list[npt.NDArray[np.int64]]] = {}
@@ -340,6 +359,22 @@ class Collector:
                     tokens = int(columns[name][which].sum())
                     if tokens:
                         expo.child(expo.tokens, (model, kind, usage)).inc(tokens)  # type: ignore[attr-defined]
+
+    def _money(self, records: list[RequestRecord], models: list[str]) -> None:
+        """iros_cost_usd_total and iros_cost_saved_usd_total by model and key (a configured key's name)."""
+        spent: dict[tuple[str, str], float] = {}
+        saved: dict[tuple[str, str], float] = {}
+        for record, model in zip(records, models, strict=True):
+            if record.cost_usd:
+                key = (model, record.principal)
+                spent[key] = spent.get(key, 0.0) + record.cost_usd
+            if record.saved_usd:
+                key = (model, record.principal)
+                saved[key] = saved.get(key, 0.0) + record.saved_usd
+        expo = self.exposition
+        for counter, sums in ((expo.cost, spent), (expo.cost_saved, saved)):
+            for labels, usd in sums.items():
+                expo.child(counter, labels).inc(usd)  # type: ignore[attr-defined]
 
     def _stages(
         self, records: list[RequestRecord], ts: Floats, total_ms: Floats, keep: npt.NDArray[np.bool_]
@@ -392,15 +427,18 @@ class Collector:
                 self._feedback_seen.discard(old)
 
     # --- feedback -------------------------------------------------------------------------------
-    def feedback(self, request_id: str, score: float) -> str:
-        """Record a user's score for a response; returns the model that answered it.
+    def feedback(self, request_id: str, score: float, principal: str | None = None) -> str:
+        """Record a user's score for a response; returns the model that answered it. With `principal`
+        (a key's name), only a response to that key counts; None (an admin) may score any.
 
-        Raises KeyError for a request id this process has not seen (or no longer remembers) and
-        ValueError for a second score on the same response.
+        Raises KeyError for a request id this process has not seen (or no longer remembers), or one
+        another key made, and ValueError for a second score on the same response.
         """
         if "user_journey" not in self.groups:
             raise PermissionError("user journey metrics are off (metrics_collection.custom_metrics)")
-        model = self._ids[request_id]
+        model, owner = self._ids[request_id]
+        if principal is not None and principal != owner:
+            raise KeyError(request_id)  # the same answer as an unknown id: nothing about others' requests
         if request_id in self._feedback_seen:
             raise ValueError(f"request {request_id} already has feedback")
         self._feedback_seen.add(request_id)
@@ -418,6 +456,9 @@ class Collector:
         ts = sample.timestamp.timestamp()
         values: dict[str, float] = {
             "cpu_percent": sample.cpu_utilization,
+            # The CPU KPI: the whole process (event loop, store writer, embedder threads) as a share of
+            # every core, so an idle gateway reads near 0 however CPU-bound its few responses were.
+            "cpu_usage_percent": sample.process_cpu_percent / sample.cpu_count,
             "memory_percent": sample.memory_utilization,
             "process_cpu_percent": sample.process_cpu_percent,
             "process_memory_bytes": float(sample.process_memory_bytes),
@@ -428,6 +469,8 @@ class Collector:
             "queue_length": float(sample.queue_length),
             "event_loop_lag_ms": lag * 1000,
         }
+        if not self._cpu_counted:
+            del values["cpu_usage_percent"]
         gauges = self.exposition.gauges
         for name, value in values.items():
             self._add(name, (), ts, value)

@@ -49,7 +49,7 @@ _COUNT = (0, 1, 2, 5, 10, 25)
 BUCKETS: dict[str, tuple[float, ...]] = {
     "response_time_ms": _DURATION,
     "overhead_ms": _OVERHEAD,
-    "cpu_usage_percent": _PERCENT,
+    "cpu_per_response_percent": _PERCENT,
     "ttft_ms": _TTFT,
     "tpot_ms": _TPOT,
     "stream_max_gap_ms": _TTFT,
@@ -65,6 +65,7 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 # Process-level gauges add up across workers; host-level ones are one reading of the same machine.
 _PROCESS_GAUGES = frozenset(
     {"process_cpu_percent", "process_memory_bytes", "active_connections", "queue_length"}
+    | {"cpu_usage_percent"}  # each worker's share of the machine: together, the gateway's
     | {"backend_queue_length"}  # each worker has its own deployment queues
 )
 
@@ -109,11 +110,27 @@ class Exposition:
         self.cache_misses = Counter(
             "iros_cache_misses", "cache lookups that went to the model", ("model",), registry=self.registry
         )
+        self.cache_skipped = Counter(
+            "iros_cache_skipped_lookups",
+            "semantic lookups skipped because the embedder was behind (served as misses)",
+            registry=self.registry,
+        )
         # usage: "reported" by the model server, or "counted" by Iros where it reported none (llama.cpp).
         self.tokens = Counter(
             "iros_tokens",
             "tokens by model, direction and where the count comes from",
             ("model", "type", "usage"),
+            registry=self.registry,
+        )
+        # Money, by model and API key name (configured keys only: bounded). saved: what answers served
+        # without a model call (cache hits, shared calls) would have cost.
+        self.cost = Counter(
+            "iros_cost_usd", "what answers cost, in US dollars", ("model", "key"), registry=self.registry
+        )
+        self.cost_saved = Counter(
+            "iros_cost_saved_usd",
+            "what answers from the cache (or a shared call) would have cost, in US dollars",
+            ("model", "key"),
             registry=self.registry,
         )
         self.feedback = Counter(

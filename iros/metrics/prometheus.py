@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 
 from iros.core.errors import StoreUnavailable
+from iros.core.redact import redact_text, redact_url
 from iros.core.timefmt import format_duration
 from iros.metrics.catalog import METRICS, MetricDef
 from iros.metrics.store import Point, Query, Samples, SeriesKey
@@ -47,6 +48,7 @@ GAUGE_AGGREGATION: dict[str, Aggregation] = {
     "iros_backend_queue_length": "sum",  # per worker, like iros_queue_length
     "iros_process_resident_memory_bytes": "sum",
     "iros_process_cpu_percent": "sum",
+    "iros_cpu_usage_percent": "sum",  # each worker's share of the machine
     "iros_system_cpu_percent": "avg",
     "iros_system_memory_percent": "avg",
     "iros_disk_usage_percent": "avg",
@@ -55,6 +57,7 @@ GAUGE_AGGREGATION: dict[str, Aggregation] = {
     "iros_gpu_utilization_percent": "avg",
     "iros_gpu_memory_percent": "avg",
     "iros_event_loop_lag_seconds": "max",
+    "iros_budget_used_ratio": "max",  # every worker reads the same shared ledger
 }
 
 # Across-series operator per statistic, for each aggregation. `count` is the number of scrapes in
@@ -210,6 +213,7 @@ class PrometheusStore:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.endpoint = endpoint.rstrip("/")
+        self.shown = redact_url(self.endpoint)  # in messages and status: never a password
         self.timeout = timeout
         self._session = session
         self._owns_session = session is None
@@ -232,7 +236,7 @@ class PrometheusStore:
 
     async def health(self) -> dict[str, Any]:
         """For a status endpoint: whether Prometheus answers, and its version or what went wrong."""
-        base: dict[str, Any] = {"backend": self.name, "endpoint": self.endpoint}
+        base: dict[str, Any] = {"backend": self.name, "endpoint": self.shown}
         try:
             data = await self._get("/api/v1/status/buildinfo", [])
         except StoreUnavailable as exc:
@@ -297,7 +301,7 @@ class PrometheusStore:
         params = [("match[]", series), ("start", _seconds(_ms(start))), ("end", _seconds(_ms(end)))]
         data = await self._get(f"/api/v1/label/{label}/values", params)
         if not isinstance(data, list):
-            raise StoreUnavailable(f"Prometheus at {self.endpoint} answered label values without a list")
+            raise StoreUnavailable(f"Prometheus at {self.shown} answered label values without a list")
         return sorted(str(v) for v in data)
 
     async def _gather(self, coros: list[Any]) -> list[dict[int, float | None]]:
@@ -313,11 +317,11 @@ class PrometheusStore:
     async def _range(self, expr: str, params: dict[str, str], step_ms: int) -> dict[int, float | None]:
         data = await self._request("POST", "/api/v1/query_range", form={**params, "query": expr})
         if not isinstance(data, dict) or data.get("resultType") != "matrix":
-            raise StoreUnavailable(f"Prometheus at {self.endpoint} answered query_range without a matrix")
+            raise StoreUnavailable(f"Prometheus at {self.shown} answered query_range without a matrix")
         series = data.get("result") or []
         if len(series) > 1:
             # Every expression aggregates to one series; more means a label slipped past the sum.
-            raise StoreUnavailable(f"Prometheus at {self.endpoint} returned {len(series)} series for {expr}")
+            raise StoreUnavailable(f"Prometheus at {self.shown} returned {len(series)} series for {expr}")
         out: dict[int, float | None] = {}
         for t, raw in series[0].get("values", []) if series else []:
             out[_ms(float(t)) - step_ms] = _value(raw)
@@ -337,7 +341,7 @@ class PrometheusStore:
         await self.start()
         assert self._session is not None
         url = self.endpoint + path
-        where = f"the history backend, Prometheus at {self.endpoint},"
+        where = f"the history backend, Prometheus at {self.shown},"
         try:
             # The timeout is set per request too: an injected session may carry a longer one.
             async with self._session.request(
@@ -354,7 +358,9 @@ class PrometheusStore:
         except aiohttp.ClientConnectorError as exc:
             raise StoreUnavailable(f"{where} is unreachable: {_connect_reason(exc)}") from None
         except aiohttp.ClientError as exc:
-            raise StoreUnavailable(f"{where} is unreachable: {exc or type(exc).__name__}") from None
+            raise StoreUnavailable(
+                f"{where} is unreachable: {redact_text(str(exc)) or type(exc).__name__}"
+            ) from None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -362,7 +368,7 @@ class PrometheusStore:
         if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
             raise StoreUnavailable(
                 f"{where} answered HTTP {status} to {path} with something that is not a Prometheus API "
-                f"response (is {self.endpoint} a Prometheus server?)"
+                f"response (is {self.shown} a Prometheus server?)"
             )
         if doc["status"] == "error":
             raise StoreUnavailable(

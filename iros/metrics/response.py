@@ -21,7 +21,7 @@ class ResponseMetrics:
     request_id: str
     timestamp: float
     response_time: float  # ms, request received to last byte
-    cpu_usage: float  # % of this response's time that Iros spent on CPU (see Collector.ingest)
+    cpu_usage: float  # % of this response's time that Iros spent on CPU (cpu_per_response_percent)
     memory_usage: int  # Iros resident bytes at the latest system sample
     gpu_usage: float | None
     cache_hit: bool

@@ -177,6 +177,10 @@ class SystemSampler:
         )
         return self.latest
 
+    def restart_cpu(self) -> None:
+        """The next sample's process CPU covers only the time from now."""
+        self.process.cpu_percent(None)
+
     def close(self) -> None:
         nvml = self.gpu.nvml
         if nvml is not None:

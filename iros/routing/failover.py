@@ -54,6 +54,7 @@ async def call(
 ) -> tuple[Deployment, T]:
     spans = record.spans
     failure: UpstreamError | None = None
+    failed = ""  # the model whose deployment failed last: the client is told its name
     busy: IrosError | None = None
     attempts = retry.attempts
     calls = 0
@@ -86,7 +87,7 @@ async def call(
         except UpstreamError as exc:
             release(deployment)
             spans.lap("upstream_connect")
-            failure = exc
+            failure, failed = exc, deployment.name
             log.warning(
                 "request %s: %s attempt %d failed: %s", record.request_id, deployment.label, calls, exc
             )
@@ -107,7 +108,7 @@ async def call(
             release(deployment)
         return deployment, result
     if failure is not None:
-        raise failure.to_client()
+        raise failure.to_client(failed)
     names = ", ".join(dict.fromkeys(d.name for d in candidates))
     raise IrosError(
         503,

@@ -5,6 +5,7 @@ with LlamaServer() as llama:
     llama.base_url                     # http://127.0.0.1:<port>/v1, answering /v1/models
     llama.model                        # the name it serves the model under ("smollm2")
     llama.model_settings()             # Iros's `models:` entry for it (max_connections: 1)
+LlamaServer(embedding=True)            # also answering /v1/embeddings
 
 python -m iros.testing.llama [PORT]    # run one until Ctrl+C
 
@@ -17,6 +18,7 @@ inside the package). Nothing is downloaded at run time.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,8 @@ class LlamaServer(ChildProcess):
         venv: Path | None = None,
         context: int = CONTEXT,
         threads: int | None = None,
+        gpu_layers: int | None = None,
+        embedding: bool = False,
     ) -> None:
         venv = venv or llama_venv()
         python = venv / "bin" / "python"
@@ -95,6 +99,13 @@ class LlamaServer(ChildProcess):
             "--n_threads",
             str(threads or max(1, (os.cpu_count() or 2) // 2)),
         ]
+        if gpu_layers is None and shutil.which("nvidia-smi"):
+            gpu_layers = -1  # every layer on the GPU; a build without CUDA ignores it
+        if gpu_layers:
+            args += ["--n_gpu_layers", str(gpu_layers)]
+        if embedding:
+            # /v1/embeddings answers only when the model is loaded for it (chat and completions go on).
+            args += ["--embedding", "true"]
         super().__init__(args, port, health="/v1/models", name="llama.cpp server", stop_timeout=10.0)
         self.model = MODEL_NAME
         self.context = context

@@ -38,8 +38,8 @@ def day_of_traffic(
         store.append(
             {("response_time_ms", labels(cache)): Samples(ts[mask], rng.normal(latency, 40, mask.sum()))}
         )
-    store.append({("cpu_usage_percent", (("model", "fast"),)): Samples(ts, rng.gamma(4, 0.5, n))})
     gauges = start + np.arange(0, DAY, 60.0)
+    store.append({("cpu_usage_percent", ()): Samples(gauges, rng.gamma(4, 0.5, gauges.size))})
     store.append({("memory_percent", ()): Samples(gauges, rng.normal(40, 2, gauges.size))})
 
 
@@ -267,3 +267,47 @@ def _report(kind: str, config: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+class TestCosts:
+    def test_reports_carry_the_periods_cost_by_key_and_model(self, metrics_db: Path, tmp_path: Path) -> None:
+        """With the spend ledger the report's summary, cost tables, first line, table and page say what
+        the day cost against the day before."""
+        from rich.console import Console
+
+        from iros.analysis.render import render_table, write_html
+        from iros.gateway.spend import Spend, SQLiteSpendStore
+
+        async def go() -> dict[str, Any]:
+            spend = SQLiteSpendStore(tmp_path / "spend.db")
+            await spend.start()
+            for at, key, model, usd in (
+                (END - DAY / 2, "team-a", "fast", 0.30),
+                (END - DAY / 2, "team-b", "fast", 0.10),
+                (END - DAY / 3, "team-a", "large", 0.20),
+                (END - 1.5 * DAY, "team-a", "fast", 0.40),  # the day before
+                (END + 60, "team-a", "fast", 9.0),  # after the period
+            ):
+                spend.add(Spend(at, key, model, usd, saved_usd=0.05, input_tokens=10, output_tokens=20))
+            store = SQLiteStore(metrics_db, retention_days=400, raw_retention_hours=24 * 400)
+            await store.start()
+            try:
+                targets = Settings(models=[{"name": "m", "backend": "simulated"}]).performance_targets
+                return await build_report("daily", store, END, targets, spend=spend)
+            finally:
+                await store.close()
+                await spend.close()
+
+        report = asyncio.run(go())
+        body = report["daily_report"]
+        assert body["summary"]["cost_usd"] == pytest.approx(0.6)
+        assert body["previous_summary"]["cost_usd"] == pytest.approx(0.4)
+        assert [g["key"] for g in body["costs"]["by_key"]] == ["team-a", "team-b"]
+        assert [g["model"] for g in body["costs"]["by_model"]] == ["fast", "large"]
+        assert body["recommendations"][0].startswith("answers cost $0.6000, +50% on the previous period")
+        console = Console(record=True, width=200)
+        render_table(report, console)
+        text = console.export_text()
+        assert "Cost by key" in text and "team-b" in text and "cost (USD)" in text
+        write_html(report, tmp_path / "daily.html")
+        assert "<h2>Cost by model</h2>" in (tmp_path / "daily.html").read_text()

@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from iros.bench.pairs import DEFAULT_PAIRS, read_pairs
 from iros.testing.iros import IrosProcess, wait_until
 from iros.testing.llama import LlamaServer, llama_venv
 
@@ -48,7 +49,8 @@ def ask(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaServer]:
-    with LlamaServer() as server:
+    # Loaded for embeddings too, so the one server answers chat, completions and embeddings.
+    with LlamaServer(embedding=True) as server:
         yield server
 
 
@@ -184,6 +186,37 @@ class TestAnswers:
             assert via.choices[0].logprobs is not None and via.choices[0].logprobs.content
 
 
+class TestOtherEndpoints:
+    def test_text_completion_whole_and_streamed_with_counted_usage(
+        self, client: openai.OpenAI, direct: openai.OpenAI
+    ) -> None:
+        """The legacy completions API through Iros answers as the server does, whole and streamed; the
+        stream's usage, which llama.cpp does not send, is counted by Iros."""
+        params: dict[str, Any] = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8}
+        via = client.completions.create(temperature=0, **params)
+        straight = direct.completions.create(temperature=0, **params)
+        assert via.choices[0].text and via.choices[0].text == straight.choices[0].text
+        chunks = list(
+            client.completions.create(
+                temperature=0, stream=True, stream_options={"include_usage": True}, **params
+            )
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == via.choices[0].text
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
+
+    def test_embeddings_come_through_and_repeat_from_the_cache(self, client: openai.OpenAI) -> None:
+        """llama.cpp's embeddings reach the client as it sent them; the same request again is an exact hit."""
+        texts = ["a lighthouse on the coast", "a road through the hills"]
+        first = client.embeddings.with_raw_response.create(model=MODEL, input=texts, encoding_format="float")
+        again = client.embeddings.with_raw_response.create(model=MODEL, input=texts, encoding_format="float")
+        answer = first.parse()
+        assert first.headers["x-iros-cache"] == "miss" and first.headers["x-iros-model"] == MODEL
+        assert [d.index for d in answer.data] == [0, 1] and all(d.embedding for d in answer.data)
+        assert again.headers["x-iros-cache"] == "hit"
+        assert [d.embedding for d in again.parse().data] == [d.embedding for d in answer.data]
+
+
 class TestRefusals:
     def test_prompt_over_the_context_gets_the_upstreams_400(
         self, client: openai.OpenAI, llama: LlamaServer
@@ -290,3 +323,24 @@ def test_server_killed_mid_stream(tmp_path: Any) -> None:
             assert back.json()["choices"][0]["message"]["content"]
     finally:
         llama.stop()
+
+
+@pytest.mark.skipif(not DEFAULT_PAIRS.exists(), reason=f"{DEFAULT_PAIRS} is not here")
+@pytest.mark.timeout(300)  # two `iros serve` runs over the same stream, one answer at a time upstream
+def test_workload_bench_against_the_real_server(llama: LlamaServer) -> None:
+    """`iros bench workload --upstream`: the same stream through Iros with the cache on and off, streamed
+    from the real model, with time to first token and tokens per second from its answers."""
+    from iros.bench.workload import run_workload
+
+    result = run_workload(
+        read_pairs(DEFAULT_PAIRS, 300), requests=20, concurrency=4, upstream=llama.base_url, max_tokens=32
+    )
+    assert result["errors"] == {"cache_on": 0, "cache_off": 0}
+    assert result["hits"]["exact"] > 0 and result["hits"]["miss"] > 0
+    on, off = result["cache_on"], result["cache_off"]
+    for timing in (on, off):
+        assert 0 < timing["ttft_mean_ms"] <= timing["mean_ms"]
+        assert timing["completion_tokens"] > 0 and timing["tokens_per_second"] > 0
+    assert on["completion_tokens"] == pytest.approx(off["completion_tokens"], rel=0.25)
+    for timing in (on, off):  # Iros's own time on the answers that went upstream, from its header
+        assert 0 < timing["iros_overhead_ms"]["p50"] < timing["p50_ms"]

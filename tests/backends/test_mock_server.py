@@ -253,3 +253,34 @@ def test_run_serves_with_uvloop_and_httptools_in_a_subprocess() -> None:
         proc.wait(10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+class TestOtherEndpoints:
+    def test_sdk_text_completion_streamed_and_not_tell_the_same_text(self, client: openai.OpenAI) -> None:
+        """The legacy completions API answers whole and streamed: the same text for one prompt and seed."""
+        whole = client.completions.create(model="instant", prompt="Once upon a time", seed=5, max_tokens=12)
+        stream = client.completions.create(
+            model="instant",
+            prompt="Once upon a time",
+            seed=5,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert whole.object == "text_completion" and whole.choices[0].text
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
+
+    def test_sdk_embeddings_decode_to_unit_vectors(self, client: openai.OpenAI) -> None:
+        """The SDK's embeddings (base64 on the wire by default) decode to one unit vector per input."""
+        reply = client.embeddings.create(model="instant", input=["a river", "a road"])
+        assert [d.index for d in reply.data] == [0, 1]
+        for item in reply.data:
+            assert abs(sum(x * x for x in item.embedding) - 1) < 1e-4
+        assert reply.usage.prompt_tokens == 4
+
+    def test_embeddings_of_a_failing_profile_are_a_500(self, client: openai.OpenAI) -> None:
+        """The error-500 profile fails embeddings with HTTP 500 too."""
+        with pytest.raises(openai.InternalServerError):
+            client.embeddings.create(model="error-500", input="x")

@@ -118,9 +118,12 @@ async def test_cache_latency_reports_hits_and_throughput(
     assert 0 < semantic <= 40
     assert [row["concurrency"] for row in result["throughput"]] == [1, 8]
     for row in result["throughput"]:
-        assert row["lookups"] > 0 and row["lookups_per_s"] > 0 and row["mean_batch"] >= 1
-    assert result["throughput"][1]["mean_batch"] > 1  # eight callers share model calls
-    assert set(result["met"]) == {"exact_hit_p50_ms", "semantic_hit_p50_ms"}
+        assert row["lookups"] > 0 and row["lookups_per_s"] > 0 and 0 <= row["skipped"] <= row["lookups"]
+        # Lookups the embedder was too far behind for are skipped; the others share model calls.
+        assert row["mean_batch"] is None or row["mean_batch"] >= 1
+    lone = result["throughput"][0]
+    assert lone["skipped"] < lone["lookups"] // 2  # a lone caller never waits behind another
+    assert set(result["met"]) == {"exact_hit_p50_ms", "semantic_hit_p50_ms", "semantic_miss_p50_ms"}
 
 
 @pytest.mark.e2e

@@ -131,6 +131,35 @@ def test_run_overhead_shape(tmp_path: Path) -> None:
     assert _closed(nginx_port)
 
 
+@pytest.mark.e2e
+def test_run_overhead_with_the_default_cache_measures_the_cache_off_path_too(tmp_path: Path) -> None:
+    """--cache default: every request a new question (all misses, none served from the cache), an Iros
+    with the cache off under the same load in the same run, what the cache costs, and both's memory."""
+    result = bench.run_overhead([1], duration=1, warmup=0.5, progress=False, keep_dir=tmp_path, cache=True)
+    assert result["cache"] == "default"
+    [row] = result["results"]
+    for path in ("direct", "iros", "iros_cache_off"):
+        assert row[path]["requests"] > 0 and row[path]["errors"] == 0, (path, row[path])
+    cost = row["cache_cost"]
+    assert cost["added_p50_ms"] == pytest.approx(
+        row["iros"]["p50_ms"] - row["iros_cache_off"]["p50_ms"], abs=1e-3
+    )
+    assert cost["throughput_ratio"] == pytest.approx(
+        row["iros"]["rps"] / row["iros_cache_off"]["rps"], abs=1e-3
+    )
+    stats = result["cache_stats"]
+    assert stats["lookups"] >= row["iros"]["requests"] and stats["misses"] > 0
+    assert stats["exact_hits"] + stats["semantic_hits"] <= stats["lookups"] // 100  # distinct questions
+    memory = result["memory_mb"]
+    assert (
+        0 < memory["iros_cache_off_after_start"] < memory["iros_after_start"]
+        and memory["iros_after_load"] > 0
+    )
+    assert set(result["cache_met"]) == {"miss_added_p50_at_c1", "throughput_ratio_at_c64", "rss"}
+    assert "cache: {enabled: false}" not in (tmp_path / "iros.yaml").read_text()
+    assert "cache: {enabled: false}" in (tmp_path / "cache-off.yaml").read_text()
+
+
 def test_collector_bench_reports_cpu_per_response(tmp_path: Path) -> None:
     """The collector benchmark runs real records through the real collector and store."""
     result = run_collector_bench(tmp_path, responses=3000, rate=1000)

@@ -49,7 +49,7 @@ async def test_min_accuracy_hint_routes_and_bad_values_get_a_400() -> None:
         },
     )
     app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iros") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
 
         async def ask(iros: object) -> httpx.Response:
             body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "iros": iros}

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from iros.testing.iros import IrosProcess
+from iros.testing.iros import IrosProcess, wait_until
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, RecordingUpstream
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +59,18 @@ def ask(proc: IrosProcess, body: dict[str, Any], key: str = CLIENT_KEY, **header
         headers={"authorization": f"Bearer {key}", **headers},
         timeout=30,
     )
+
+
+def warm(proc: IrosProcess, body: dict[str, Any]) -> dict[str, Any]:
+    """Start a cache warm and wait for the background job to finish; its final progress."""
+    started = httpx.post(f"{proc.url}/api/optimization/cache/warm", headers=ADMIN, json=body, timeout=30)
+    assert started.status_code == 202, started.text
+
+    def finished() -> dict[str, Any] | None:
+        job: dict[str, Any] = httpx.get(f"{proc.url}{started.json()['progress']}", headers=ADMIN).json()
+        return job if job["state"] == "done" else None
+
+    return wait_until(finished, "the cache warm to finish", timeout=30)
 
 
 def question(text: str, model: str = "recorded", **extra: Any) -> dict[str, Any]:
@@ -224,23 +236,17 @@ class TestControlApi:
         assert client.status_code == 403
 
     def test_warming_fills_the_shared_namespace_every_tenant_reads(self, cached: IrosProcess) -> None:
-        resp = httpx.post(
-            f"{cached.url}/api/optimization/cache/warm",
-            headers=ADMIN,
-            json={"model": "recorded", "prompts": ["warm one", "warm two"], "params": {"temperature": 0}},
-            timeout=30,
+        job = warm(
+            cached, {"model": "recorded", "prompts": ["warm one", "warm two"], "params": {"temperature": 0}}
         )
-        assert resp.json()["warmed"] == {"cached": 2}
+        assert job["warmed"] == {"cached": 2}
         for key in (CLIENT_KEY, OTHER_KEY):
             assert ask(cached, question("warm one"), key=key).headers["x-iros-cache"] == "hit"
 
     def test_warming_from_misses_takes_the_most_frequent(self, cached: IrosProcess) -> None:
         for _ in range(8):  # more often than any other prompt this module sends
             ask(cached, question("popular miss"), **{"cache-control": "no-store"})
-        resp = httpx.post(
-            f"{cached.url}/api/optimization/cache/warm", headers=ADMIN, json={"from_misses": 1}, timeout=30
-        )
-        assert resp.json()["results"][0]["prompt"] == "popular miss"
+        assert warm(cached, {"from_misses": 1})["results"][0]["prompt"] == "popular miss"
 
     def test_analysis_reports_efficiency_and_patterns(self, cached: IrosProcess) -> None:
         body = question("analysed")

@@ -52,3 +52,14 @@ class TestCacheKey:
         first, second = _plan(cache, request), _plan(cache, changed)
         assert first is not None and second is not None
         assert first.key != second.key
+
+
+class TestClientTtl:
+    def test_a_clients_ttl_may_shorten_but_never_lengthen_the_operators(self, cache: ResponseCache) -> None:
+        """iros.ttl is clamped to cache.ttl_seconds; shorter ones are kept; none gives the operator's."""
+        base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        ceiling = cache.settings.ttl_seconds
+        assert ceiling is not None
+        assert _plan(cache, {**base, "iros": {"ttl": ceiling * 1000}}).ttl == ceiling
+        assert _plan(cache, {**base, "iros": {"ttl": 5}}).ttl == 5.0
+        assert _plan(cache, base).ttl == ceiling

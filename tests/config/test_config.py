@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from iros.app import check_settings
 from iros.cli.main import app
-from iros.config import ConfigError, load_settings
+from iros.config import MIN_KEY_CHARS, ConfigError, load_settings, redacted
 
 ISSUE_EXAMPLE = """
 server: {host: 127.0.0.1, port: 8080}
@@ -180,3 +180,46 @@ class TestCli:
         result = CliRunner().invoke(app, ["bench", "overhead", "--concurrency", "one,two"])
         assert result.exit_code == 2
         assert "whole numbers" in result.output
+
+
+class TestSecrets:
+    def test_userinfo_with_an_api_key_env_is_refused(self) -> None:
+        """A base_url holding user:pass@ and an api_key_env cannot both be sent: refused, by field."""
+        model = {"name": "m", "base_url": "http://u:p@127.0.0.1:9/v1", "api_key_env": "K"}
+        with pytest.raises(ConfigError, match=r"models\[0\]: base_url holds credentials"):
+            load_settings(None, {"models": [model]})
+        embedder = {"backend": "openai", "base_url": "http://u:p@127.0.0.1:9/v1", "api_key_env": "K"}
+        with pytest.raises(ConfigError, match=r"cache.embedder: base_url holds credentials"):
+            load_settings(None, {"cache": {"embedder": embedder}})
+        # Either one alone is fine: basic auth in the URL, or a bearer key.
+        assert load_settings(None, {"models": [{"name": "m", "base_url": "http://u:p@127.0.0.1:9/v1"}]})
+
+    def test_shown_settings_hide_every_urls_password(self) -> None:
+        """The settings as /api/config and `iros config show` print them: no URL password anywhere."""
+        settings = load_settings(
+            None,
+            {
+                "models": [{"name": "m", "base_url": "http://u:pw-1@127.0.0.1:9/v1"}],
+                "cache": {"store": {"backend": "redis", "url": "redis://:pw-2@127.0.0.1:6379/0"}},
+                "metrics_collection": {
+                    "storage": {"backend": "prometheus", "endpoint": "http://u:pw-3@127.0.0.1:9090"}
+                },
+            },
+        )
+        shown = str(redacted(settings))
+        assert "pw-" not in shown and shown.count("***@127.0.0.1") == 3
+
+    def test_short_keys_are_refused_on_a_public_bind_only(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Off loopback every key (inline or from the environment) needs MIN_KEY_CHARS characters."""
+        monkeypatch.setenv("SHORT_KEY", "abc")
+        public = {
+            "server": {"host": "0.0.0.0"},
+            "auth": {"open": False, "admin_keys": [{"name": "ops", "key_env": "SHORT_KEY"}]},
+        }
+        with pytest.raises(
+            ConfigError, match=f"auth.admin_keys\\[0\\] \\(ops\\): .* at least {MIN_KEY_CHARS}"
+        ):
+            load_settings(None, public)
+        assert load_settings(None, {**public, "server": {"host": "127.0.0.1"}})
+        monkeypatch.setenv("SHORT_KEY", "k" * MIN_KEY_CHARS)
+        assert load_settings(None, public)

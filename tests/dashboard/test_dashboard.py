@@ -31,7 +31,13 @@ def dashboard_config(upstream: IrosProcess) -> dict[str, Any]:
     return {
         "auth": {"api_keys": [CLIENT_KEY], "admin_keys": [{"name": "ops", "key_env": "TEST_ADMIN_KEY"}]},
         "models": [
-            {"name": "fast", "base_url": f"{upstream.url}/v1", "upstream_model": "instant"},
+            {
+                "name": "fast",
+                "base_url": f"{upstream.url}/v1",
+                "upstream_model": "instant",
+                # Priced, so the Cost widget has spend to show.
+                "pricing": {"input_per_million": 2.5, "output_per_million": 10.0},
+            },
             {"name": "local", "backend": "simulated", "profile": "instant"},
         ],
         "metrics_collection": {"collection_interval_seconds": 1, "storage": {"flush_interval_seconds": 1}},
@@ -218,8 +224,10 @@ class TestPage:
             page.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         states = page.states()
         assert all(state == "ok" for state in states.values()), states
-        for title in (*SEED_PANELS, "Recent optimization actions", "Recommendations"):
+        for title in (*SEED_PANELS, "Recent optimization actions", "Recommendations", "Cost"):
             assert title in states, f"no {title!r} widget: {sorted(states)}"
+        cost = page.page.inner_text('[data-title="Cost"] .body')
+        assert "spent $" in cost and "client-0" in cost  # the client key's name, with its spend
         gpu = page.page.inner_text('[data-title="GPU Utilization"] .body')
         assert "no GPU" in gpu or "%" in gpu
         assert page.page.locator('[data-title="Response Time Trend"] .js-plotly-plot').count() == 1
@@ -346,9 +354,9 @@ class TestSessions:
         ring = self.ring(sessions, ADMIN_KEY)
         token = ring.issue_session(ADMIN_KEY)
         assert token
-        name, expiry, mac = token.split(".")
-        assert ring.check_session(f"{name}.{expiry}.{mac[:-2]}xx") is None
-        assert ring.check_session(f"{name}.{int(expiry) + 1}.{mac}") is None
+        name, expiry, sid, mac = token.split(".")
+        assert ring.check_session(f"{name}.{expiry}.{sid}.{mac[:-2]}xx") is None
+        assert ring.check_session(f"{name}.{int(expiry) + 1}.{sid}.{mac}") is None
         assert self.ring(Sessions(sessions.secret, ttl=-1), ADMIN_KEY).issue_session(ADMIN_KEY) is not None
         expired = self.ring(Sessions(sessions.secret, ttl=-1), ADMIN_KEY)
         assert expired.check_session(expired.issue_session(ADMIN_KEY) or "") is None

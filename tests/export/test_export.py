@@ -88,7 +88,7 @@ class TestPrometheusRules:
         by_name = {r["alert"]: r for r in data["groups"][0]["rules"]}
         assert by_name["cpu_usage_high"]["for"] == "1m"
         assert by_name["cpu_usage_high"]["labels"]["severity"] == "critical"
-        assert "iros_response_cpu_percent_sum" in by_name["cpu_usage_high"]["expr"]
+        assert "avg_over_time(iros_cpu_usage_percent[1m])" in by_name["cpu_usage_high"]["expr"]
         assert "histogram_quantile(0.95" in by_name["performance_degradation"]["expr"]
         assert "iros_system_memory_percent" in by_name["resource_exhaustion"]["expr"]
         assert "switched_off" not in by_name

@@ -254,7 +254,7 @@ def test_a_body_that_trickles_in_is_cut_off_with_408(upstream: IrosProcess) -> N
     with IrosProcess.serve(config) as proc, socket.create_connection(("127.0.0.1", proc.port), 10) as s:
         s.settimeout(10)
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 500\r\n\r\n"
         )
         s.sendall(b'{"model": "fast",')

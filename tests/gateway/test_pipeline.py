@@ -36,7 +36,7 @@ def _app() -> tuple[object, list[RequestRecord]]:
 
 async def _post(app: object, body: dict[str, object]) -> httpx.Response:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://iros") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         return await http.post("/v1/chat/completions", json=body)
 
 

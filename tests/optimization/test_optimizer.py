@@ -86,7 +86,7 @@ class Rig:
         assert app.optimizer is not None
         self.optimizer = app.optimizer
         self.tuning = app.optimizer.tuning
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://iros")
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
     async def tick(self, seconds: float = 0) -> None:
         self.clock.now += seconds

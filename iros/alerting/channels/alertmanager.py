@@ -13,6 +13,7 @@ from typing import Any
 from iros.alerting.channels import HttpChannel
 from iros.alerting.channels.base import Notification
 from iros.config import AlertmanagerChannelConfig
+from iros.core.redact import redact_url
 from iros.core.timefmt import iso
 
 
@@ -46,4 +47,4 @@ class AlertmanagerChannel(HttpChannel):
         await self._post(url, payload(notification), self.config.timeout_seconds)
 
     def describe(self) -> dict[str, Any]:
-        return {"url": self.config.url}
+        return {"url": redact_url(self.config.url)}

@@ -37,7 +37,6 @@ import os
 import secrets
 import socket
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -62,21 +61,11 @@ from iros.cache.stores.common import (
     tell_removed,
 )
 from iros.cache.stores.redis_layout import LFU_TIME, Scripts, entry_from_hash, hash_fields, pairs
+from iros.core.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RedisCacheStore"]
-
-
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username + ':***@' if parts.username else ':***@'}{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _id_bytes(raw: object) -> bytes:
@@ -123,7 +112,7 @@ class RedisCacheStore(StoreLimits):
     ) -> None:
         self.init_limits(max_entries, max_memory_bytes, ttl_seconds, eviction)
         self.url = url
-        self.where = _redacted(url)
+        self.where = redact_url(url)
         self.prefix = prefix
         self.sweep_seconds = sweep_seconds
         self.recheck_seconds = recheck_seconds

@@ -411,6 +411,22 @@ function drawCacheEfficiency(widget, data) {
   setState(widget, "ok");
 }
 
+function drawCosts(widget, data) {
+  const groups = (data && data.groups) || [];
+  const budgets = (data && data.budgets) || [];
+  if (!groups.length && !budgets.length) return setState(widget, "empty", "no priced answers in the last 30 days");
+  const usd = (v) => (typeof v === "number" ? `$${v.toFixed(v < 1 ? 6 : 2)}` : cellText(v));
+  const body = [el("p", { class: "note", "data-key": "total", text: `spent ${usd(data.cost_usd)}, saved by the cache ${usd(data.saved_usd)}, ${data.requests} answers since ${String(data.start).slice(0, 10)}` })];
+  if (groups.length) {
+    body.push(table(groups.map((g) => ({ ...g, cost_usd: usd(g.cost_usd), saved_usd: usd(g.saved_usd) })), [data.group_by, "requests", "cost_usd", "saved_usd"]));
+  }
+  if (budgets.length) {
+    body.push(table(budgets.map((b) => ({ key: b.key, budget: `${usd(b.usd)} a ${b.period}`, spent: usd(b.spent_usd), used: fmt(b.share * 100, "percentage"), resets: String(b.resets_at).slice(0, 16) })), ["key", "budget", "spent", "used", "resets"]));
+  }
+  widget.body.replaceChildren(...body);
+  setState(widget, "ok");
+}
+
 // --- loading --------------------------------------------------------------------------------------------
 async function loadWidget(widget) {
   const spec = widget.spec;
@@ -430,6 +446,7 @@ async function loadWidget(widget) {
     }
     if (spec.type === "model_table") return drawTable(widget, answer.body, ["model", "requests", "error_rate", "response_time_ms p50", "response_time_ms p95", "ttft_ms p50", "output_tokens_per_second"]);
     if (spec.type === "cache_efficiency") return drawCacheEfficiency(widget, answer.body);
+    if (spec.type === "cost_table") return drawCosts(widget, answer.body);
     return setState(widget, "error", `unknown widget type ${spec.type}`);
   } catch (err) {
     return setState(widget, "error", String(err.message || err));
