@@ -91,6 +91,8 @@ def _serve(upstream: str, data_dir: Path, judge: str, max_share: float) -> Any:
             "enabled": True,
             "semantic": True,
             "verification": {"enabled": max_share > 0, "judge": judge, "max_share": max_share},
+            # Decisions are measured, not speed: no lookup is skipped for an embedder that is behind.
+            "embedder": {"skip_after_ms": None, "lookup_timeout_ms": 600_000},
         },
     }
     return IrosProcess.serve(config)
@@ -258,6 +260,7 @@ def run_meaning_workload(
         "seed": seed,
         "errors": sum(content is None for _, content in replies),
         "exact_hits": sum(kind == "hit" for kind, _ in replies),
+        "skipped": stats.get("skipped"),
         "cold": cold,
         "warm": warm,
         "verification": {
