@@ -326,6 +326,8 @@ def create_app(settings: Settings) -> IrosApp:
         gateway.observers.append(telemetry.observe)
     if monitor is not None:
         gateway.observers.append(monitor.collector.observe)
+    if cache is not None:
+        _wire_verification(settings, cache, gateway, monitor)
     optimizer = Optimizer(
         settings, tuning, router, gateway=gateway, monitor=monitor, leadership=leadership, shared=shared
     )
@@ -368,6 +370,32 @@ def create_app(settings: Settings) -> IrosApp:
         shared=shared,
         leadership=leadership,
     )
+
+
+def _wire_verification(
+    settings: Settings, cache: ResponseCache, gateway: Gateway, monitor: Monitor | None
+) -> None:
+    """The cache's verification: its judge model asked through the gateway, its figures in /metrics
+    and as KPIs (the default cache_false_hit_rate_above_bound alert reads them)."""
+    judge = settings.cache.verification.judge_model
+    if settings.cache.verification.judge == "model" and judge is not None:
+
+        async def ask(prompt: str) -> str:
+            return await gateway.ask(judge, prompt)
+
+        cache.ask = ask
+    if monitor is None:
+        return
+    from iros.cache.exposition import VerificationCollector
+
+    monitor.exposition.registry.register(VerificationCollector(cache))
+
+    def upper() -> float | None:
+        pooled = cache.verification_report()
+        return pooled["interval"][1] if pooled.get("trusted") else None
+
+    monitor.extra_kpis["cache_false_hit_rate_upper"] = upper
+    monitor.extra_kpis["cache_max_false_hit_rate"] = lambda: cache.calibration.delta
 
 
 def worker_app() -> IrosApp:

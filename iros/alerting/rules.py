@@ -113,6 +113,20 @@ def target_rules(targets: Mapping[str, Target], alerting: AlertingSettings) -> l
     return out
 
 
+def cache_rule(alerting: AlertingSettings) -> AlertRuleSettings:
+    """The default alert on the semantic cache's own error: the verified false-hit rate's interval has
+    its upper end above the operator's bound δ (no verification yet: no data, never fires)."""
+    return AlertRuleSettings(
+        name="cache_false_hit_rate_above_bound",
+        condition="cache_false_hit_rate_upper > cache_max_false_hit_rate",
+        duration=alerting.target_rule_duration,
+        severity="warning",
+        labels={"kpi": "cache_false_hit_rate"},
+        description="the semantic cache's verified false-hit rate may be above cache.max_false_hit_rate "
+        "(the Wilson interval's upper end passed it)",
+    )
+
+
 def configured_rules(settings: Settings) -> list[AlertRuleSettings]:
     """alerting.alert_rules, then the seed's live_alerting rules and the budget rules not named there."""
     rules = list(settings.alerting.alert_rules)
@@ -163,7 +177,7 @@ def build_rules(
     alerting.alert_rules (configured_rules(settings) adds the live_alerting block)."""
     rules: dict[str, Rule] = {}
     if alerting.target_rules:
-        for s in target_rules(targets, alerting):
+        for s in [*target_rules(targets, alerting), cache_rule(alerting)]:
             rules[s.name] = compile_rule(s, alerting, "targets")
     from_config = list(configured) if configured is not None else alerting.alert_rules
     given, source = (overrides, "api") if overrides is not None else (from_config, "config")

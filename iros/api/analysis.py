@@ -377,6 +377,8 @@ class AnalysisAPI(AdminAPI):
                 "bytes_per_entry": round(size / entries, 1) if entries else None,
                 "evictions": store.get("evictions"),
                 "expirations": store.get("expirations"),
+                # The semantic cache's own error rate: estimate, interval, verified count, cut per scope.
+                "verification": stats["verification"],
             }
         )
 

@@ -12,7 +12,8 @@ PUT  /api/optimization/settings                 {"cache.similarity_threshold": 0
 What a GET returns, the PUT beside it takes back unchanged: fields it only reports are ignored. Every
 change reaches every worker of every replica through the shared state (iros/state/).
 GET  /api/optimization/audit?limit=100          every change: rule, time, before and after
-PUT  /api/optimization/cache/tune              {target_hit_rate, max_memory_mb, similarity_threshold, ttl}
+PUT  /api/optimization/cache/tune              {max_false_hit_rate, target_hit_rate, max_memory_mb,
+                                               similarity_threshold, ttl}
 POST /api/optimization/cache/warm              {"prompts": [...], "model": "...", "params": {...}}
                                                 or {"from_misses": 20}: 202, the job runs in the background
 GET  /api/optimization/cache/warm[/{job_id}]    the jobs' progress (the newest first), or one job's
@@ -42,7 +43,7 @@ from iros.gateway.auth import KeyRing
 from iros.gateway.pipeline import Gateway
 from iros.gateway.warming import MAX_PROMPT_CHARS, MAX_PROMPTS, WarmBusy, Warmer, check_prompts
 from iros.optimization.optimizer import Optimizer
-from iros.optimization.tuning import KNOBS, Tuning, floor_threshold
+from iros.optimization.tuning import KNOBS, Tuning, floor_threshold, precision_floor
 
 MAX_AUDIT = 1000
 TUNE_STEP = 0.02  # how far one tune call moves the similarity threshold toward a target hit rate
@@ -263,15 +264,20 @@ class CacheTuningAPI(AdminAPI):
     # --- tune ---------------------------------------------------------------------------------
     async def tune(self, request: Request) -> Response:
         self._admin(request)
-        known = {"target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
+        known = {"max_false_hit_rate", "target_hit_rate", "max_memory_mb", "similarity_threshold", "ttl"}
         # Whatever GET reports besides the settings is read-only here, new counters included.
         reported = (_CACHE_STATUS | set(await self.cache.stats())) - known
         body = {k: v for k, v in (await self._json_object(request)).items() if k not in reported}
         if unknown := set(body) - known:
             raise bad(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(sorted(known))}")
-        settings = self.cache.settings
         changes: dict[str, Any] = {}
         notes: list[str] = []
+        if "max_false_hit_rate" in body:
+            # δ first: the floor that target_hit_rate may not pass follows from it.
+            delta = _number(body, "max_false_hit_rate", 0.001, 0.5)
+            await self._set({"cache.max_false_hit_rate": delta})
+            changes["max_false_hit_rate"] = delta
+        precision = precision_floor(self.cache)
         floor = self.floor_threshold()
         if "similarity_threshold" in body:
             value = _number(body, "similarity_threshold", 0.0, 1.0)
@@ -280,22 +286,30 @@ class CacheTuningAPI(AdminAPI):
             if value < floor:
                 notes.append(
                     f"similarity_threshold {value} is below {floor:.3f}, where the verifier's measured "
-                    f"precision falls under the floor {settings.precision_floor}"
+                    f"precision falls under the floor {precision:.3f}; the cut still follows from "
+                    "max_false_hit_rate"
                 )
         if "target_hit_rate" in body:
             target = _number(body, "target_hit_rate", 0.0, 1.0)
             stats = await self.cache.stats()
             current = stats["hit_rate"]
             before = self.cache.threshold
+            measured = self.cache.verification_report()
             if current is None:
                 notes.append("no lookups yet: the threshold stays until there is a hit rate to compare")
+            elif current < target and measured.get("above_bound"):
+                notes.append(
+                    f"hit rate {current} is under the target {target}, but the measured false-hit rate's "
+                    f"upper bound {measured['interval'][1]} is above max_false_hit_rate "
+                    f"{self.cache.calibration.delta}: the threshold stays"
+                )
             elif current < target:
                 # More hits means a lower threshold, but never below the precision floor's threshold.
                 await self._set({"cache.similarity_threshold": max(round(before - TUNE_STEP, 4), floor)})
                 if self.cache.threshold == before:
                     notes.append(
                         f"hit rate {current} is under the target {target}, but the threshold is at the "
-                        f"precision floor ({settings.precision_floor}); more hits need more entries "
+                        f"precision floor ({precision:.3f}); more hits need more entries "
                         "(warming, longer TTL, more memory), not a looser match"
                     )
             elif current > target + 0.05:
@@ -319,7 +333,8 @@ class CacheTuningAPI(AdminAPI):
             {
                 "applied": changes,
                 "similarity_threshold": self.cache.threshold,
-                "precision_floor": settings.precision_floor,
+                "precision_floor": precision,
+                "max_false_hit_rate": self.cache.calibration.delta,
                 "floor_threshold": floor,
                 "notes": notes,
             }

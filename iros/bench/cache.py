@@ -2,7 +2,7 @@
 answers.
 
     pairs = read_pairs(Path("../shared/data/qqp/dev.jsonl.gz"), limit=5000)
-    run_cache_quality(pairs)     # precision and recall of semantic hits, verifier on vs plain cosine
+    run_cache_quality({"qqp": pairs})   # per domain: precision, recall, false hits, best fixed threshold
     run_cache_latency(pairs)     # exact and semantic hit latency; semantic lookups/s under concurrency
 
 Both drive the real ResponseCache in-process (build_cache on the default settings); `iros bench workload`
@@ -14,17 +14,25 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import orjson
 
-from iros.bench.pairs import MODEL, SEMANTIC_READY_TIMEOUT, Pair, ProgressFn, quiet, ratio, request_body
-from iros.cache.base import Embedder
-from iros.cache.embedder import Encoded, WrappedEmbedder, default_threads
+from iros.bench.pairs import (
+    MODEL,
+    SEMANTIC_READY_TIMEOUT,
+    Pair,
+    ProgressFn,
+    best_fixed_threshold,
+    label_groups,
+    quiet,
+    ratio,
+    request_body,
+)
+from iros.cache.base import Embedder, EmbedderBusy
+from iros.cache.embedder import default_threads
 from iros.cache.engine import ResponseCache, build_cache
 from iros.cache.plan import Plan
 from iros.config import load_settings
@@ -33,8 +41,6 @@ from iros.core.schema import parse_request
 PRINCIPAL = "bench"
 CHUNK = 64  # lookups in flight at once: one embedder batch (EmbedderSettings.max_batch)
 
-TARGET_PRECISION = 0.90
-TARGET_RECALL = 0.30
 TARGET_EXACT_P50_MS = 1.0
 TARGET_SEMANTIC_P50_MS = 20.0
 TARGET_MISS_P50_MS = 2.0  # what a miss adds (issue 17): its lookup, which a cache-off request skips
@@ -73,22 +79,25 @@ def _answer(index: int) -> dict[str, Any]:
     }
 
 
-async def _start_cache(data_dir: Path, progress: ProgressFn, embedder: Embedder | None) -> ResponseCache:
-    """The cache as `iros serve` builds it on the default settings, once its semantic half is up.
+async def _start_cache(
+    data_dir: Path, progress: ProgressFn, embedder: Embedder | None, cache: dict[str, Any] | None = None
+) -> ResponseCache:
+    """The cache as `iros serve` builds it on the default settings (`cache` overrides some), once its
+    semantic half is up.
 
     `embedder` replaces the one built from the settings (tests share one loaded model this way).
     """
-    settings = load_settings(None, {"server": {"data_dir": str(data_dir)}})
-    cache = build_cache(settings.cache, data_dir)
+    settings = load_settings(None, {"server": {"data_dir": str(data_dir)}, "cache": cache or {}})
+    built = build_cache(settings.cache, data_dir)
     if embedder is not None:
-        cache.embedder = embedder
-    await cache.start()
+        built.embedder = embedder
+    await built.start()
     progress("loading the embedding model", 0, 1)
-    if not await cache.semantic_started(SEMANTIC_READY_TIMEOUT):
-        await cache.close()
+    if not await built.semantic_started(SEMANTIC_READY_TIMEOUT):
+        await built.close()
         raise RuntimeError("the semantic cache did not come up (see the log for the embedder's error)")
     progress("loading the embedding model", 1, 1)
-    return cache
+    return built
 
 
 async def _insert(cache: ResponseCache, plans: list[tuple[int, Plan]], progress: ProgressFn) -> None:
@@ -99,184 +108,125 @@ async def _insert(cache: ResponseCache, plans: list[tuple[int, Plan]], progress:
         progress("inserting", start + len(batch), len(plans))
 
 
-class _Memo(WrappedEmbedder):
-    """Wraps the cache's embedder: records query vectors on one pass and replays them on the next, so
-    the plain-cosine pass sees the very same vectors without paying for the embedding twice."""
-
-    def __init__(self, inner: Embedder) -> None:
-        super().__init__(inner)
-        self.replay = False
-        self.vectors: dict[str, npt.NDArray[np.float32]] = {}
-
-    async def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        if self.replay and all(t in self.vectors for t in texts):
-            return np.stack([self.vectors[t] for t in texts])
-        out = await self.inner.embed(texts)
-        for text, row in zip(texts, out, strict=True):
-            self.vectors[text] = row
-        return out
-
-    async def embed_tokens(self, texts: list[str]) -> Encoded:
-        # The verifier's pass: vectors recorded, token embeddings passed through (plain cosine needs none).
-        inner = getattr(self.inner, "embed_tokens", None)
-        if inner is None:
-            return Encoded(await self.embed(texts))
-        out: Encoded = await inner(texts)
-        for text, row in zip(texts, out.vectors, strict=True):
-            self.vectors[text] = row
-        return out
-
-
-@dataclass(slots=True)
-class _Tally:
-    true_hits: int = 0
-    false_hits: int = 0
-    false_on_negatives: int = 0  # a label-0 pair's query served any answer
-    false_wrong_entry: int = 0  # a label-1 pair's query served another question's answer
-    misses: int = 0
-    exact_hits: int = 0
-    exact_duplicates: int = 0  # exact hits of label-1 pairs
-
-
-async def _lookups(
-    cache: ResponseCache, pairs: list[Pair], own: dict[str, str], progress: ProgressFn, label: str
-) -> tuple[_Tally, list[float]]:
-    tally = _Tally()
+async def _domain_quality(
+    cache: ResponseCache, pairs: list[Pair], report: ProgressFn, label: str
+) -> dict[str, Any]:
+    """One domain under the label-graph protocol: cache every distinct `a`, ask every distinct `b` that
+    is not an `a`; a hit is right iff the labels join the question and the entry served."""
+    groups = label_groups(pairs)
+    stored = list(dict.fromkeys(p.a for p in pairs))
+    stored_set = set(stored)
+    queries = [b for b in dict.fromkeys(p.b for p in pairs) if b not in stored_set]
+    if not queries:
+        raise ValueError(f"{label}: no `b` that is not also an `a`: nothing to ask")
+    plans = sorted(
+        ((i, _plan(cache, text)) for i, text in enumerate(stored)), key=lambda e: len(stored[e[0]])
+    )
+    await _insert(cache, plans, lambda _, done, total: report(f"{label}: inserting", done, total))
+    cached_groups = {groups[t] for t in stored}
+    answerable = sum(groups[q] in cached_groups for q in queries)
+    right = wrong = 0
     latencies: list[float] = []
+    skipped_before = cache.counts["skipped"]
 
-    async def one(pair: Pair) -> None:
-        plan = _plan(cache, pair.b)
+    async def one(text: str) -> None:
+        nonlocal right, wrong
         started = time.perf_counter()
-        hit = await cache.lookup(plan)
+        hit = await cache.lookup(_plan(cache, text))
         latencies.append((time.perf_counter() - started) * 1000)
-        if hit is None:
-            tally.misses += 1
-        elif hit.kind == "hit":
-            # The very text was stored (as some pair's `a`): the exact cache serves that question's own
-            # answer. Right by construction and no test of the semantic cache, so counted apart.
-            tally.exact_hits += 1
-            tally.exact_duplicates += pair.label == 1
-        elif pair.label == 1 and hit.entry.key == own[pair.a]:
-            tally.true_hits += 1
-        else:
-            tally.false_hits += 1
-            if pair.label == 1:
-                tally.false_wrong_entry += 1
+        if hit is not None:
+            if groups.get(hit.entry.prompt) == groups[text]:
+                right += 1
             else:
-                tally.false_on_negatives += 1
+                wrong += 1
 
-    # Shortest first: texts of similar length pad little in the model's batches (twice the speed).
-    ordered = sorted(pairs, key=lambda p: len(p.b))
+    ordered = sorted(queries, key=len)  # similar lengths pad little in the model's batches
     for start in range(0, len(ordered), CHUNK):
-        batch = ordered[start : start + CHUNK]
-        await asyncio.gather(*(one(p) for p in batch))
-        progress(label, start + len(batch), len(ordered))
-    return tally, latencies
-
-
-def _figures(tally: _Tally, pairs: list[Pair]) -> dict[str, Any]:
-    """Semantic figures over the queries the exact cache did not answer."""
-    queries = len(pairs) - tally.exact_hits
-    positives = sum(p.label == 1 for p in pairs) - tally.exact_duplicates
-    hits = tally.true_hits + tally.false_hits
+        await asyncio.gather(*(one(t) for t in ordered[start : start + CHUNK]))
+        report(f"{label}: asking", start + CHUNK, len(ordered))
+    hits = right + wrong
+    skipped = cache.counts["skipped"] - skipped_before
+    precision = right / hits if hits else None
+    # The baseline: each question's nearest stored text by cosine, one threshold for all.
+    assert cache.embedder is not None
+    vectors = {}
+    for start in range(0, len(stored) + len(queries), CHUNK):
+        batch = (stored + queries)[start : start + CHUNK]
+        for text, row in zip(batch, await _embed_patiently(cache.embedder, batch), strict=True):
+            vectors[text] = row
+    keys = np.stack([vectors[t] for t in stored])
+    sims = np.stack([vectors[q] for q in queries]) @ keys.T
+    nearest = sims.argmax(axis=1)
+    similarity = sims[np.arange(len(queries)), nearest].tolist()
+    joined = [groups[q] == groups[stored[j]] for q, j in zip(queries, nearest.tolist(), strict=True)]
     return {
-        "queries": queries,
-        "true_hits": tally.true_hits,
-        "false_hits": tally.false_hits,
-        "false_hits_on_non_duplicates": tally.false_on_negatives,
-        "false_hits_on_another_entry": tally.false_wrong_entry,
-        "misses": tally.misses,
-        "precision": ratio(tally.true_hits, hits),
-        "recall": ratio(tally.true_hits, positives),
-        "false_hit_rate": ratio(tally.false_hits, queries),
+        "pairs": len(pairs),
+        "entries": len(stored),
+        "questions": len(queries),
+        "answerable": answerable,
+        "hits": hits,
+        "false_hits": wrong,
+        "precision": round(precision, 4) if precision is not None else None,
+        "recall": ratio(right, answerable),
+        "false_hits_per_question": ratio(wrong, len(queries)),
+        "skipped": skipped,  # lookups the embedder was too busy for (misses); an injected one may skip
+        "fixed_threshold_at_same_precision": best_fixed_threshold(
+            similarity, joined, answerable, precision if precision is not None else 1.0
+        ),
+        "fixed_threshold_at_0.95": best_fixed_threshold(similarity, joined, answerable, 0.95),
+        "lookup_ms_batched": {**_ms(latencies), "concurrency": CHUNK},
     }
 
 
+async def _embed_patiently(embedder: Embedder, texts: list[str]) -> Any:
+    """The vectors, waiting out an embedder that refuses work while it is behind."""
+    while True:
+        try:
+            return await embedder.embed(texts)
+        except EmbedderBusy:
+            await asyncio.sleep(0.05)
+
+
 async def cache_quality(
-    pairs: list[Pair],
+    domains: dict[str, list[Pair]],
     data_dir: Path,
     progress: ProgressFn | None = None,
     *,
-    sample: int = 200,
     embedder: Embedder | None = None,
 ) -> dict[str, Any]:
-    """Insert every `a`, query every `b`: with the verifier (as served), then with plain cosine."""
+    """Each domain's pairs through the cache as `iros serve` builds it by default, with no verification
+    yet (the cold prior decides): per domain, precision, recall, false hits per question and the best
+    fixed cosine threshold beside them."""
     report = progress or quiet
-    if not pairs:
+    if not domains or not all(domains.values()):
         raise ValueError("no pairs to measure")
-    cache = await _start_cache(data_dir, report, embedder)
-    verifier_setting = cache.settings.verifier
+    # Decisions are measured here, not speed: every lookup waits for its embedding, none is skipped.
+    patient = {"embedder": {"skip_after_ms": None, "lookup_timeout_ms": 600_000}}
+    cache = await _start_cache(data_dir, report, embedder, patient)
+    # Verification re-asks an upstream this in-process cache has none of; the prior alone is measured.
+    cache.settings.verification.enabled = False
     try:
-        # One entry per distinct `a`: a query's own entry is the entry of its pair's `a` text.
-        own: dict[str, str] = {}
-        plans: list[tuple[int, Plan]] = []
-        for i, pair in enumerate(pairs):
-            if pair.a not in own:
-                plan = _plan(cache, pair.a)
-                own[pair.a] = plan.key
-                plans.append((i, plan))
-        plans.sort(key=lambda entry: len(entry[1].prompt or ""))  # similar lengths batch faster
-        await _insert(cache, plans, report)
-
-        inner = cache.embedder
-        assert inner is not None
-        memo = _Memo(inner)
-        cache.embedder = memo
-        try:
-            verified, batched = await _lookups(cache, pairs, own, report, "lookups with the verifier")
-            memo.replay = True
-            cache.settings.verifier = False
-            cosine, replayed = await _lookups(cache, pairs, own, report, "lookups by plain cosine")
-        finally:
-            cache.embedder = inner
-            cache.settings.verifier = verifier_setting
-        memo.vectors.clear()
-
-        # What one lone lookup costs, embedding included, with nothing to batch it with.
-        single: list[float] = []
-        for pair in pairs[:sample]:
-            plan = _plan(cache, pair.b)
-            started = time.perf_counter()
-            await cache.lookup(plan)
-            single.append((time.perf_counter() - started) * 1000)
-            report("single lookups", len(single), min(sample, len(pairs)))
-
-        with_verifier = _figures(verified, pairs)
-        plain = _figures(cosine, pairs)
+        out: dict[str, Any] = {}
+        for name, pairs in domains.items():
+            await cache.store.clear()
+            out[name] = await _domain_quality(cache, pairs, report, name)
+        verifier = cache.verifier
         return {
-            "pairs": len(pairs),
-            "duplicates": sum(p.label == 1 for p in pairs),
-            "entries": len(plans),
-            # Queries whose text some pair stored verbatim; kept out of the figures below.
-            "exact_hits": verified.exact_hits,
-            "exact_hits_of_duplicates": verified.exact_duplicates,
-            "threshold": cache.threshold,
-            "verifier": verifier_setting and cache.verifier is not None,
-            # The rule served: the best of this many neighbours above the threshold, if over the cut.
-            "neighbours": getattr(cache.verifier, "neighbours", 1),
-            "verifier_cut": getattr(cache.verifier, "threshold", None),
-            "token_alignment": getattr(cache.verifier, "tokens", None) is not None,
-            **with_verifier,
-            "lookup_ms": _ms(single),
-            "lookup_ms_batched": {**_ms(batched), "concurrency": CHUNK},
-            "plain_cosine": {
-                **plain,
-                # Query vectors are replayed from the first pass: search and bookkeeping only.
-                "lookup_ms_without_embedding": {**_ms(replayed), "concurrency": CHUNK},
-            },
-            "targets": {"precision": TARGET_PRECISION, "recall": TARGET_RECALL},
-            "met": {
-                "precision": (with_verifier["precision"] or 0.0) >= TARGET_PRECISION,
-                "recall": (with_verifier["recall"] or 0.0) >= TARGET_RECALL,
-            },
+            "protocol": "label graph: every distinct a cached, every distinct b that is not an a asked; "
+            "right iff label-1 pairs join the two, directly or in a chain",
+            "similarity_threshold": cache.threshold,
+            "max_false_hit_rate": cache.calibration.delta,
+            "neighbours": getattr(verifier, "neighbours", 1),
+            "prior_cut": verifier.cut_for(cache.calibration.delta) if verifier is not None else None,
+            "domains": out,
         }
     finally:
         await cache.close()
 
 
-def run_cache_quality(pairs: list[Pair], progress: ProgressFn | None = None) -> dict[str, Any]:
+def run_cache_quality(domains: dict[str, list[Pair]], progress: ProgressFn | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="iros-bench-cache-") as tmp:
-        return asyncio.run(cache_quality(pairs, Path(tmp), progress))
+        return asyncio.run(cache_quality(domains, Path(tmp), progress))
 
 
 async def cache_latency(

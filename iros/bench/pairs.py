@@ -7,6 +7,7 @@ request_body("What is HNSW?")                      # the chat request every benc
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,12 @@ import orjson
 # (description, completed, total): called as the bench moves on, e.g. to drive a progress bar.
 ProgressFn = Callable[[str, float, float], None]
 
-DEFAULT_PAIRS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "qqp" / "dev.jsonl.gz"
+# The development pairs beside the checkout (IROS_PAIRS_DIR elsewhere, e.g. from a git worktree).
+DATA_DIR = Path(
+    os.environ.get("IROS_PAIRS_DIR") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
+)
+DEFAULT_PAIRS = DATA_DIR / "qqp" / "dev.jsonl.gz"
+DOMAINS = ("qqp", "mrpc", "sick", "sts")  # the development domains, each a folder of DATA_DIR
 MODEL = "bench"
 SEMANTIC_READY_TIMEOUT = 180.0  # seconds for the embedding model to load on a busy machine
 
@@ -59,3 +65,47 @@ def ratio(part: float, whole: float) -> float | None:
 
 def request_body(text: str, model: str = MODEL) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0}
+
+
+def label_groups(pairs: list[Pair]) -> dict[str, int]:
+    """Every text's group in the graph of label-1 pairs: two texts whose groups match are joined by the
+    labels, directly or through a chain (the protocol's test of a right hit)."""
+    parent: dict[str, str] = {}
+
+    def root(text: str) -> str:
+        while parent.setdefault(text, text) != text:
+            parent[text] = parent[parent[text]]
+            text = parent[text]
+        return text
+
+    for p in pairs:
+        root(p.a)
+        root(p.b)
+        if p.label == 1:
+            ra, rb = root(p.a), root(p.b)
+            if ra != rb:
+                parent[ra] = rb
+    ids: dict[str, int] = {}
+    return {text: ids.setdefault(root(text), len(ids)) for text in parent}
+
+
+def best_fixed_threshold(
+    similarity: list[float], right: list[bool], answerable: int, precision: float
+) -> dict[str, float | None]:
+    """The best a single cosine threshold does on each question's nearest entry, chosen in hindsight:
+    the highest recall whose precision reaches `precision` (the protocol's baseline)."""
+    order = sorted(range(len(similarity)), key=lambda i: -similarity[i])
+    best: dict[str, float | None] = {"threshold": None, "precision": None, "recall": 0.0}
+    true = 0
+    for rank, i in enumerate(order, 1):
+        true += right[i]
+        # Only cut between distinct similarities: ties are served or refused together.
+        if rank < len(order) and similarity[order[rank]] == similarity[i]:
+            continue
+        if true / rank >= precision and answerable and true / answerable > (best["recall"] or 0.0):
+            best = {
+                "threshold": round(similarity[i], 4),
+                "precision": round(true / rank, 4),
+                "recall": round(true / answerable, 4),
+            }
+    return best

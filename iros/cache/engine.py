@@ -10,11 +10,18 @@ Scope of a semantic match: the namespace (tenant), the model and everything in t
 last user turn must be identical (the `context` hash), so a follow-up in another conversation never
 matches. Answers warmed by an admin live in a shared namespace every tenant reads after its own.
 
-The semantic rule (one rule, live-tunable through `similarity_threshold`): of the verifier's
-`neighbours` nearest cached questions in scope whose cosine is at least the threshold, the verifier
-(verifier/) scores each and the best is served if it reaches the verifier's cut. The query's token
-embeddings come from the same forward pass as its vector; each entry's (projected, float16) are kept
-in memory from when it was stored, or computed once when an entry came from the store or a replica.
+The semantic rule (one rule): of the verifier's `neighbours` nearest cached questions in scope whose
+cosine is at least `similarity_threshold` (a gate), the verifier (verifier/) scores each and the best
+is served if it reaches the cut. The cut follows from δ (`max_false_hit_rate`): the prior's, measured
+out of domain, until verification (calibration.py) has measured this namespace and model's own. The
+query's token embeddings come from the same forward pass as its vector; each entry's (projected,
+float16) are kept in memory from when it was stored, or computed once when an entry came from the
+store or a replica.
+
+Verification: a sampled share of would-be hits goes upstream instead (the client gets the fresh
+answer, as on a miss), and a sampled share of near-misses (upstream anyway) too; once the answer is
+in, the judge (judge.py) compares it with the cached one in the background and the outcome calibrates
+the cut.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import orjson
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
+from iros.cache.calibration import Calibration, Pending, Scope
+from iros.cache.judge import Ask, answer_text, judge
 from iros.cache.plan import SHARED, Plan
 from iros.config import CacheSettings
 from iros.core.schema import ParsedRequest
@@ -98,6 +107,10 @@ class ResponseCache:
         self.saved_tokens = 0
         self.saved_ms = 0.0
         self.hits_by_hour: Counter[tuple[int, str]] = Counter()  # (unix hour, kind)
+        verification = settings.verification
+        self.calibration = Calibration(settings.max_false_hit_rate, verification.max_share)
+        self.ask: Ask | None = None  # the judge model (judge: model), set once the gateway is built
+        self.verification_tokens = 0  # tokens spent on verification calls (would-be hits re-asked)
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,24 +303,110 @@ class ResponseCache:
             keys = [k for k, _ in above]
             candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
             # The texts as far as the embedder read them: the features of a huge prompt would hold the loop.
-            decision = verifier.decide(
+            scores, aligned = verifier.scores(
                 plan.prompt[:MAX_TEXT_CHARS],
                 [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys],
                 [s for _, s in above],
                 plan.tokens,
                 candidate_tokens,
             )
-            if decision.index is None:
+            best = int(np.argmax(scores))
+            score = float(scores[best])
+            key, similarity = above[best]
+            prior = verifier.cut_for(self.calibration.delta, aligned)
+            scope = self.calibration.scope(plan.namespace, plan.model)
+            if score < scope.cut(prior):
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
+                if scope.near(score, prior):
+                    self._sample(plan, scope, key, score, prior, served=False)
                 return None
-            key, similarity = above[decision.index]
+            self.counts["would_be_hit"] += 1
+            if self._sample(plan, scope, key, score, prior, served=True):
+                return None  # asked upstream: the fresh answer is served and judged
             bin_ = min(int(max(similarity, 0.0) * 20), 19)
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
         self.similarity_bins["served"][bin_] += 1
         return Hit(entry, "semantic_hit", similarity)
+
+    # --- verification -------------------------------------------------------------------------
+    def _sample(self, plan: Plan, scope: Scope, key: str, score: float, prior: float, served: bool) -> bool:
+        """Whether this lookup is verified: drawn at the scope's share; a would-be hit only while the
+        verification calls stay within max_share of the would-be hits."""
+        settings = self.settings.verification
+        if not settings.enabled:
+            return False
+        share = scope.share(prior)
+        if not served and settings.judge != "model" and share >= settings.max_share:
+            # A near-miss goes upstream anyway: judging it costs no call (only a model judge would),
+            # so while the scope is uncertain every one is judged.
+            share = 1.0
+        if served and self.counts["verification_call"] + 1 > settings.max_share * self.counts["would_be_hit"]:
+            return False
+        if share <= 0 or not self.calibration.draw(share):
+            return False
+        plan.verify = Pending(scope, key, score, served, 1.0 / share)
+        self.counts["verification_call" if served else "near_miss_checked"] += 1
+        return True
+
+    async def _verify(self, pending: Pending, completion: dict[str, Any]) -> None:
+        """Judge a fresh answer against the cached one and record the outcome in its scope."""
+        entry = await self.store.get(pending.key)
+        fresh = answer_text(completion)
+        cached = answer_text(orjson.loads(entry.body)) if entry is not None else None
+        if fresh is None or cached is None:
+            self.counts["verification_lost"] += 1  # the entry went meanwhile, or no text to compare
+            return
+        try:
+            same = await judge(self.settings.verification.judge, fresh, cached, self.embedder, self.ask)
+        except Exception as exc:  # the embedder behind, the judge model failing: no outcome, no harm
+            self.counts["verification_lost"] += 1
+            log.debug("verification not judged: %s", exc)
+            return
+        pending.scope.record(pending.score, same, pending.weight, pending.served)
+        self.counts["verified_right" if same else "verified_wrong"] += 1
+
+    def verification_report(self) -> dict[str, Any]:
+        """Verification and calibration at a glance: the pooled estimate with its interval, the calls
+        and their tokens, and each namespace and model's cut."""
+        verifier = self.verifier if self.settings.verifier else None
+        prior = verifier.cut_for(self.calibration.delta) if verifier is not None else None
+        scopes = []
+        if prior is not None:
+            for (namespace, model), scope in self.calibration.scopes.items():
+                scopes.append({"namespace": namespace, "model": model, **scope.report(prior)})
+        # Without a verifier (semantic matching off) nothing is served by meaning, so nothing is verified.
+        none = {
+            "false_hit_rate": None,
+            "interval": None,
+            "verified": 0,
+            "trusted": False,
+            "above_bound": False,
+        }
+        pooled = self.calibration.pooled(prior) if prior is not None else none
+        settings = self.settings.verification
+        return {
+            "enabled": settings.enabled,
+            "judge": settings.judge,
+            "max_share": settings.max_share,
+            "max_false_hit_rate": self.calibration.delta,
+            "prior_cut": round(prior, 4) if prior is not None else None,
+            **pooled,
+            "would_be_hits": self.counts["would_be_hit"],
+            "verification_calls": self.counts["verification_call"],
+            "verification_tokens": self.verification_tokens,
+            "near_misses_checked": self.counts["near_miss_checked"],
+            "judged_right": self.counts["verified_right"],
+            "judged_wrong": self.counts["verified_wrong"],
+            "lost": self.counts["verification_lost"],
+            "scopes": scopes,
+        }
+
+    def set_max_false_hit_rate(self, delta: float) -> None:
+        self.settings.max_false_hit_rate = delta
+        self.calibration.set_delta(delta)
 
     def _hit(self, entry: CacheEntry, kind: str) -> None:
         self.counts[kind] += 1
@@ -345,7 +444,17 @@ class ResponseCache:
         return all(isinstance(c, dict) and c.get("finish_reason") in allowed for c in choices)
 
     def save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
-        """Store a good answer in the background; the response never waits for it."""
+        """Store a good answer in the background; the response never waits for it (nor for the judge
+        when the answer was fetched to verify a cached one)."""
+        pending = plan.verify
+        if pending is not None:
+            plan.verify = None
+            if pending.served:
+                usage = completion.get("usage")
+                if isinstance(usage, dict):
+                    self.verification_tokens += int(usage.get("total_tokens") or 0)
+            if self.acceptable(completion) and len(self._saves) < MAX_PENDING_SAVES:
+                self._background(self._verify(pending, completion))
         if not plan.write or not self.acceptable(completion):
             return
         if len(self._saves) >= MAX_PENDING_SAVES:
@@ -431,6 +540,8 @@ class ResponseCache:
             "misses": self.counts["miss"],
             "hit_rate": round((lookups - self.counts["miss"]) / lookups, 4) if lookups else None,
             "verifier_rejections": self.verifier_rejections,
+            "max_false_hit_rate": self.calibration.delta,
+            "verification": self.verification_report(),
             # Semantic lookups skipped (served as misses) because the embedder was behind.
             "skipped": self.counts["skipped"],
             "saved": self.counts["saved"],

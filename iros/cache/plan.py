@@ -51,6 +51,7 @@ class Plan:
     ttl: float | None = None
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
     tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
+    verify: Any = field(default=None, repr=False)  # calibration.Pending: judge the fresh answer against it
 
     @property
     def key(self) -> str:

@@ -3,7 +3,7 @@
 iros bench overhead --concurrency 1,16,64 --duration 10
 iros bench overhead --concurrency 1,64 --cache default
 iros bench tsdb --samples 2000000
-iros bench cache-quality --limit 2000 --json
+iros bench cache-quality --limit 2000 --json     # per domain; --pairs FILE, repeated
 iros bench soak --duration 600 --rate 40
 """
 
@@ -218,26 +218,47 @@ def _cache_bench(
 
 @bench_app.command("cache-quality")
 def bench_cache_quality(
-    pairs: PairsOption = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N pairs (after --offset)")] = None,
-    offset: Annotated[
-        int, typer.Option(min=0, help="skip the first N lines (the verifier never trained on the last 2000)")
-    ] = 0,
+    pairs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pairs",
+            help="JSON lines (gzipped or not) of {a, b, label}, one domain each; repeat for several "
+            "(default: the four development domains in ../shared/data)",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N pairs of each file")] = None,
     json_only: Annotated[bool, typer.Option("--json", help="only the JSON: no summary on stderr")] = False,
 ) -> None:
-    """Semantic-cache precision and recall: store every a, ask every b; verifier on vs plain cosine."""
+    """The semantic cache's cold prior under the label-graph protocol, per domain: precision, recall,
+    false hits per question, and the best fixed cosine threshold at the same precision."""
     from iros.bench.cache import run_cache_quality
+    from iros.bench.pairs import DATA_DIR, DOMAINS, read_pairs
 
-    result = _cache_bench("cache-quality", pairs, limit, run_cache_quality, offset)
+    if limit is not None and limit < 1:
+        raise fail("--limit must be 1 or more")
+    files = pairs or [DATA_DIR / name / "dev.jsonl.gz" for name in DOMAINS]
+    domains: dict[str, Any] = {}
+    for path in files:
+        name = path.parent.name if path.name.startswith("dev.") else path.name.split(".")[0]
+        try:
+            domains[name if name not in domains else str(path)] = read_pairs(path, limit)
+        except (OSError, ValueError) as exc:
+            raise fail(f"bench cache-quality: cannot read the pairs: {exc}") from None
+    bar, progress = step_progress()
+    try:
+        with bar:
+            result = run_cache_quality(domains, progress)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise fail(f"bench cache-quality: {exc}") from None
     if not json_only:
-        plain, targets = result["plain_cosine"], result["targets"]
-        err.print(
-            f"threshold {result['threshold']}: verifier precision {result['precision']} "
-            f"recall {result['recall']}; plain cosine precision {plain['precision']} "
-            f"recall {plain['recall']} (targets: precision ≥ {targets['precision']}, "
-            f"recall ≥ {targets['recall']})",
-            highlight=False,
-        )
+        for name, d in result["domains"].items():
+            fixed = d["fixed_threshold_at_same_precision"]
+            err.print(
+                f"{name}: precision {d['precision']} recall {d['recall']} false hits/question "
+                f"{d['false_hits_per_question']}; best fixed threshold at that precision: recall "
+                f"{fixed['recall']} (cosine {fixed['threshold']})",
+                highlight=False,
+            )
     print_json(result)
 
 
@@ -261,8 +282,27 @@ def bench_cache_latency(
     print_json(result)
 
 
+def _meaning_workload(pairs: Path | None, requests: int | None, concurrency: int, seed: int) -> None:
+    from iros.bench.meaning import run_meaning_workload
+
+    def run(data: Any, progress: Any) -> dict[str, Any]:
+        return run_meaning_workload(
+            data, requests=requests, concurrency=concurrency, seed=seed, progress=progress
+        )
+
+    print_json(_cache_bench("workload", pairs, None, run))
+
+
 @bench_app.command("workload")
 def bench_workload(
+    by_meaning: Annotated[
+        bool,
+        typer.Option(
+            "--by-meaning",
+            help="every text of --pairs once, against an upstream answering by label group, verification "
+            "judged exactly: cold and warm precision and recall beside the best fixed threshold",
+        ),
+    ] = False,
     pairs: PairsOption = None,
     requests: Annotated[
         int | None, typer.Option(min=1, help="requests in the stream (default 2000; 200 on a real model)")
@@ -282,6 +322,8 @@ def bench_workload(
     max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per answer of a real model")] = 48,
 ) -> None:
     """A Zipf stream of repeated, paraphrased and one-off questions through `iros serve`, cache on vs off."""
+    if by_meaning:
+        return _meaning_workload(pairs, requests, concurrency, seed)
     from iros.backends.simulation import PROFILES
     from iros.bench.workload import run_workload
 

@@ -59,9 +59,12 @@ class LiveSource:
         system: Callable[[], Any] | None = None,
         store: MetricsStore | None = None,
         kpi_window: float = DEFAULT_KPI_WINDOW,
+        extras: Mapping[str, Callable[[], float | None]] | None = None,
     ) -> None:
         self.frames = frames
         self.system = system or (lambda: None)
+        # KPIs other parts provide (the cache's false-hit rate): name -> a reader, None when no data.
+        self.extras: Mapping[str, Callable[[], float | None]] = extras or {}
         self.store = store
         self.kpi_window = kpi_window
         self._kpi_cache: _LazyKpis | None = None
@@ -69,7 +72,9 @@ class LiveSource:
 
     @classmethod
     def of(cls, monitor: Monitor, kpi_window: float = DEFAULT_KPI_WINDOW) -> LiveSource:
-        return cls(monitor.frames, lambda: monitor.sampler.latest, monitor.store, kpi_window)
+        return cls(
+            monitor.frames, lambda: monitor.sampler.latest, monitor.store, kpi_window, monitor.extra_kpis
+        )
 
     def window(self, metrics: Iterable[str], seconds: float, now: float, match: Match = ()) -> kpi.Sketches:
         """One merged sketch per series of `metrics` (labels matching `match`) in [now - seconds, now].
@@ -216,6 +221,7 @@ class _LazyKpis(Mapping[str, Any]):
         seconds = self.source.kpi_window
         if section == "system":
             self._values.update(kpi.system_kpis(self.source.system()))
+            self._values.update({name: read() for name, read in self.source.extras.items()})
             return
         s = self.source.window(_SECTION_METRICS[section], seconds, self.now)
         if section == "response":

@@ -61,6 +61,9 @@ _SYSTEM_KPIS = (
     "network_tx_bytes_per_second",
     "active_connections",
     "queue_length",
+    # The semantic cache's verified false-hit rate (Wilson upper end) and its bound δ: Monitor.extra_kpis.
+    "cache_false_hit_rate_upper",
+    "cache_max_false_hit_rate",
 )
 # Event series for rate() and count(): one catalog series with fixed label filters.
 EVENTS: dict[str, tuple[str, Match]] = {

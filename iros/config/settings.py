@@ -306,6 +306,25 @@ class EmbedderSettings(Strict):
         return self
 
 
+class CacheVerificationSettings(Strict):
+    """Semantic hits checked on live traffic: a sampled share is also asked upstream and judged."""
+
+    enabled: bool = True
+    judge: Literal["exact", "embedding", "model"] = Field(
+        "embedding",
+        description="how a fresh answer is compared with the cached one: normalised text, the answers' "
+        "embeddings, or judge_model asked whether the two say the same",
+    )
+    judge_model: str | None = Field(None, description="judge: model: a configured model name")
+    max_share: float = Field(0.2, ge=0, le=1, description="at most this share of would-be hits is re-asked")
+
+    @model_validator(mode="after")
+    def _model_named(self) -> CacheVerificationSettings:
+        if self.judge == "model" and not self.judge_model:
+            raise ValueError("judge: model needs judge_model, a configured model name")
+        return self
+
+
 class CacheSettings(Strict):
     """The response cache: exact answers by key, semantic ones by the last user turn's meaning."""
 
@@ -313,7 +332,17 @@ class CacheSettings(Strict):
     exact: bool = True
     semantic: bool = True
     verifier: bool = Field(True, description="check a semantic candidate before serving it")
-    similarity_threshold: float = Field(0.80, ge=0, le=1, description="cosine similarity a candidate needs")
+    similarity_threshold: float = Field(
+        0.55, ge=0, le=1, description="cosine similarity a candidate needs before the verifier scores it"
+    )
+    max_false_hit_rate: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="δ: the largest share of served semantic hits that may be wrong; the verifier's cut "
+        "follows from it and from what verification measured",
+    )
+    verification: CacheVerificationSettings = Field(default_factory=CacheVerificationSettings)
     precision_floor: float = Field(
         0.90, ge=0, le=1, description="tuning for hit rate never moves the threshold below this precision"
     )
@@ -508,6 +537,13 @@ class Settings(BaseSettings):
                         f"{MIN_KEY_CHARS} characters; this one has {len(key.strip())} "
                         "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _judge_configured(self) -> Settings:
+        judge = self.cache.verification.judge_model
+        if self.cache.verification.judge == "model" and judge not in self.model_names():
+            raise ValueError(f"cache.verification.judge_model {judge!r} is not a configured model name")
         return self
 
     def model_names(self) -> list[str]:

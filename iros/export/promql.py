@@ -83,6 +83,9 @@ def kpi_promql(name: str, window: str = LIVE_WINDOW) -> str:
         "tpot_avg_ms": hist_avg(m["tpot_ms"].prom, {}, window, 1000),
         "overhead_avg_ms": hist_avg(m["overhead_ms"].prom, {}, window, 1000),
         "gpu_utilization": f"avg({m['gpu_utilization_percent'].prom})",
+        # Gauges the cache's verification exposes at scrape time (cache/exposition.py).
+        "cache_false_hit_rate_upper": 'max(iros_cache_false_hit_rate{bound="upper"})',
+        "cache_max_false_hit_rate": "max(iros_cache_max_false_hit_rate)",
     }
     if name in fixed:
         return fixed[name]

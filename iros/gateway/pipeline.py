@@ -212,6 +212,23 @@ class Gateway:
             return "not_cacheable"
         if await self.cache.store.get(plan.key) is not None:
             return "already_cached"
+        deployment, completion, spans = await self._once(model, data)
+        if not self.cache.acceptable(completion.data):
+            return "not_cacheable"
+        await self.cache.store_now(plan, completion.data, upstream_ms(spans), deployment.name)
+        return "cached"
+
+    async def ask(self, model: str, prompt: str) -> str:
+        """One question to a configured model, outside the cache (the verification judge's): its text."""
+        data = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
+        _, completion, _ = await self._once(model, data)
+        choices = completion.data.get("choices") or [{}]
+        message = choices[0].get("message") if isinstance(choices[0], dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        return content if isinstance(content, str) else ""
+
+    async def _once(self, model: str, data: dict[str, Any]) -> tuple[Deployment, Completion, Spans]:
+        """One whole answer through routing, admission and failover, for Iros's own questions."""
         candidates = self.router.candidates(model)
         record = RequestRecord(self._next_id(), time.time(), Spans())
         await self.admission.acquire()
@@ -223,10 +240,7 @@ class Gateway:
             deployment, completion = await self._call(candidates, record, complete)
         finally:
             self.admission.release()
-        if not self.cache.acceptable(completion.data):
-            return "not_cacheable"
-        await self.cache.store_now(plan, completion.data, upstream_ms(record.spans), deployment.name)
-        return "cached"
+        return deployment, completion, record.spans
 
     async def _lookup(self, plan: Plan) -> Hit | None:
         assert self.cache is not None

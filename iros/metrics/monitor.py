@@ -9,6 +9,7 @@ monitor.frames()                                       # the live window: every 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class Monitor:
             self.accuracy.setdefault(m.name, m.accuracy)
         self.cluster = ClusterFrames(self.collector, shared)
         self.hub = LiveHub(self.live_message)
+        # KPIs read from other parts at evaluation time (app.py registers the cache's), by name.
+        self.extra_kpis: dict[str, Callable[[], float | None]] = {}
         self.collector.on_tick(self.hub.publish)
 
     async def start(self) -> None:

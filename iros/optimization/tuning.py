@@ -54,6 +54,7 @@ KNOBS: dict[str, Knob] = {
     "resources.cpu_limit": Knob("optional_number", 0.01, 4096),
     "resources.memory_limit_mb": Knob("optional_number", 16, 1e8),
     "cache.similarity_threshold": Knob("number", 0.0, 1.0, "cache"),
+    "cache.max_false_hit_rate": Knob("number", 0.001, 0.5, "cache"),
     "cache.max_temperature": Knob("number", 0.0, 2.0, "cache"),
     "cache.ttl_seconds": Knob("optional_number", 1.0, 1e9, "cache"),
     "cache.max_memory_mb": Knob("number", 1.0, 1e7, "cache"),
@@ -122,6 +123,8 @@ class Tuning:
                 return self.cache_warming
             case "cache.similarity_threshold":
                 return self._cache().threshold
+            case "cache.max_false_hit_rate":
+                return self._cache().calibration.delta
             case "cache.max_temperature":
                 return self._cache().settings.max_temperature
             case "cache.ttl_seconds":
@@ -200,6 +203,8 @@ class Tuning:
                 self.memory_limit_mb = value
             case "cache.similarity_threshold":
                 self._cache().threshold = value
+            case "cache.max_false_hit_rate":
+                self._cache().set_max_false_hit_rate(value)
             case "cache.max_temperature":
                 self._cache().settings.max_temperature = value
             case "cache.ttl_seconds":
@@ -296,13 +301,19 @@ def _set_affinity(cores: list[int] | None) -> list[int] | None:
     return cores
 
 
+def precision_floor(cache: ResponseCache) -> float:
+    """The precision tuning may never go under: the configured floor, or 1 - δ where that is higher."""
+    return max(cache.settings.precision_floor, 1.0 - cache.calibration.delta)
+
+
 def floor_threshold(cache: ResponseCache) -> float:
-    """The lowest similarity threshold whose measured precision (the verifier's cross-validation curve)
-    stays at or above the precision floor; the configured threshold without a curve."""
+    """The lowest similarity threshold whose measured precision (the verifier's out-of-domain curve)
+    stays at or above the precision floor (precision_floor()); the configured threshold without a
+    curve."""
     verifier = cache.verifier
     curve = getattr(verifier, "curve", None) if verifier is not None else None
     if not curve:
         return float(cache.settings.similarity_threshold)
-    floor = cache.settings.precision_floor
+    floor = precision_floor(cache)
     passing = [p["similarity_threshold"] for p in curve if p["precision"] >= floor]
     return float(min(passing)) if passing else 1.0

@@ -556,6 +556,8 @@ def test_the_seeds_alerting_blocks_load_as_written(tmp_path: Path) -> None:
 
     settings = load_settings(None, json.loads(SEED_BLOCKS))
     rules = {r.name: r for r in build_rules(settings.alerting, {}, configured=configured_rules(settings))}
+    # Beside them, the default alert on the semantic cache's verified false-hit rate.
+    assert rules.pop("cache_false_hit_rate_above_bound").source == "targets"
     assert set(rules) == {
         "high_response_time",
         "cpu_usage_high",
@@ -577,6 +579,7 @@ def test_the_alert_bench_reports_evaluation_cost() -> None:
     from iros.bench.alerts import RULES, run_alert_bench
 
     result = run_alert_bench(models=2, seconds=10, evaluations=3)
-    assert result["rules"] == len(RULES) + 8  # the seed's four targets give two rules each
+    # The seed's four targets give two rules each; one more is the cache's default false-hit alert.
+    assert result["rules"] == len(RULES) + 8 + 1
     assert result["evaluations"] == 3 and result["series_per_second"] == 2 * (6 + 5) + 1
     assert 0 < result["event_loop_cpu_ms"]["median"] <= result["event_loop_cpu_ms"]["max"]

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from iros.bench.cache import cache_latency, cache_quality
-from iros.bench.pairs import DEFAULT_PAIRS, Pair, read_pairs
+from iros.bench.pairs import DEFAULT_PAIRS, Pair, best_fixed_threshold, label_groups, read_pairs
 from iros.bench.workload import SHARES, build_stream, run_workload
 from iros.cache.base import Embedder
 from iros.cache.embedder import build_embedder
@@ -75,26 +75,36 @@ def test_the_stream_mixes_repeats_paraphrases_and_one_offs(pairs: list[Pair]) ->
     assert len(set(one_offs)) == len(one_offs)
 
 
-async def test_cache_quality_counts_every_query_once(
+async def test_cache_quality_follows_the_label_graph_per_domain(
     pairs: list[Pair], embedder: Shared, tmp_path: Path
 ) -> None:
-    result = await cache_quality(pairs[:120], tmp_path, embedder=embedder, sample=20)
-    assert result["pairs"] == 120
-    for figures in (result, result["plain_cosine"]):
-        assert figures["queries"] + result["exact_hits"] == 120
-        assert figures["true_hits"] + figures["false_hits"] + figures["misses"] == figures["queries"]
-        assert figures["false_hits"] == (
-            figures["false_hits_on_non_duplicates"] + figures["false_hits_on_another_entry"]
-        )
-        assert figures["recall"] is not None and 0 <= figures["recall"] <= 1
-        assert 0 <= figures["false_hit_rate"] <= 1
-    # The verifier only ever turns hits away: plain cosine serves at least as many.
-    verified = result["true_hits"] + result["false_hits"]
-    assert result["plain_cosine"]["true_hits"] + result["plain_cosine"]["false_hits"] >= verified
-    assert result["plain_cosine"]["true_hits"] > 0
-    assert result["lookup_ms"]["n"] == 20 and result["lookup_ms"]["p50"] > 0
-    assert result["lookup_ms_batched"]["n"] == 120
-    assert set(result["met"]) == {"precision", "recall"}
+    """Each pair file is its own domain: every question asked once, hits split into right and wrong by
+    the labels, and the best fixed cosine threshold reported beside the cache's figures."""
+    domains = {"first": pairs[:80], "second": pairs[80:160]}
+    result = await cache_quality(domains, tmp_path, embedder=embedder)
+    assert set(result["domains"]) == {"first", "second"}
+    for name, figures in result["domains"].items():
+        chosen = domains[name]
+        stored = {p.a for p in chosen}
+        assert figures["entries"] == len(stored)
+        assert figures["questions"] == len({p.b for p in chosen} - stored)
+        assert figures["lookup_ms_batched"]["n"] == figures["questions"]
+        assert 0 <= figures["false_hits"] <= figures["hits"] <= figures["questions"]
+        assert figures["answerable"] <= figures["questions"]
+        assert figures["false_hits_per_question"] == round(figures["false_hits"] / figures["questions"], 4)
+        baseline = figures["fixed_threshold_at_0.95"]
+        assert baseline["recall"] is not None and 0 <= baseline["recall"] <= 1
+    assert result["prior_cut"] is not None and result["max_false_hit_rate"] == 0.05
+
+
+def test_label_groups_join_chains_and_the_baseline_is_chosen_in_hindsight() -> None:
+    """Texts joined through a chain of label-1 pairs share a group; the fixed threshold is the one with
+    the most recall at the precision asked."""
+    groups = label_groups([Pair("a", "b", 1), Pair("b", "c", 1), Pair("c", "d", 0)])
+    assert groups["a"] == groups["c"] != groups["d"]
+    best = best_fixed_threshold([0.9, 0.8, 0.7, 0.6], [True, True, False, True], 4, 0.75)
+    assert best == {"threshold": 0.6, "precision": 0.75, "recall": 0.75}
+    assert best_fixed_threshold([0.9, 0.8], [True, False], 2, 1.0)["recall"] == 0.5
 
 
 async def test_cache_latency_reports_hits_and_throughput(
@@ -130,3 +140,19 @@ def test_workload_through_the_gateway_with_and_without_the_cache(pairs: list[Pai
     # Hits take milliseconds, the model hundreds: the cached run is faster on average.
     assert result["cache_on"]["mean_ms"] < result["cache_off"]["mean_ms"]
     assert result["server_cache_stats"]["verifier"] is True
+
+
+@pytest.mark.e2e
+def test_workload_by_meaning_reports_cold_and_warm_halves(pairs: list[Pair]) -> None:
+    """Every text once through `iros serve` against an upstream that answers by label group: the two
+    halves add up to the stream, hits are split by the labels, verification's figures come back."""
+    from iros.bench.meaning import run_meaning_workload
+
+    result = run_meaning_workload(pairs[:150], requests=60, concurrency=4)
+    assert result["questions"] == 60 and result["errors"] == 0
+    assert result["cold"]["questions"] + result["warm"]["questions"] == 60
+    for half in (result["cold"], result["warm"]):
+        assert 0 <= half["false_hits"] <= half["semantic_hits"] <= half["questions"]
+        assert half["answerable"] <= half["questions"]
+    assert result["verification"]["max_false_hit_rate"] == 0.05
+    assert set(result["met"]) == {"warm_precision", "warm_recall_vs_fixed"}

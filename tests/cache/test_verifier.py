@@ -7,36 +7,28 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from iros.bench.pairs import DATA_DIR
 from iros.cache.embedder import PACKAGED_MODEL, LocalEmbedder
 from iros.cache.verifier.model import FEATURES, Decision, Verifier
 from iros.config import CacheSettings, EmbedderSettings
 
-DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "qqp" / "dev.jsonl.gz"
+DEV = DATA_DIR / "qqp" / "dev.jsonl.gz"
 HELD_OUT = 400  # of the last 2,000 dev pairs, which no question of was trained on
 
-# Served at the packaged threshold (precision 0.90, where little more than light rewording passes).
+# Light rewordings: scored within the near-miss band of the default cut, where verification judges them.
 REWORDINGS = [
     ("How do I learn Python?", "How can I learn Python?"),
     ("How do I reset my Gmail password?", "How can I reset my Gmail password?"),
     ("What is the best way to learn Python?", "What's the best way to learn Python?"),
     ("What are the best books on investing?", "Which are the best books about investing?"),
 ]
-# Served at the operating point for precision 0.80.
-PARAPHRASES = [
-    ("How can I lose weight quickly?", "How do I lose weight fast?"),
-    ("What is the capital of France?", "What's the capital city of France?"),
-    ("How does a refrigerator work?", "How do refrigerators work?"),
-    ("How many calories are in a banana?", "How many calories does a banana have?"),
-    ("How do I improve my English speaking skills?", "How can I improve my spoken English?"),
-]
-# Each close enough for plain cosine at the default 0.80 threshold, and a different question.
+# Each close enough for plain cosine at 0.80, and a different question.
 HARD_NEGATIVES = {
     "number": ("What was the population of India in 2011?", "What was the population of India in 2001?"),
     "negation": ("Why do cats purr?", "Why don't cats purr?"),
@@ -57,7 +49,9 @@ def verifier() -> Verifier:
 @pytest.fixture(scope="module")
 async def embedder() -> AsyncIterator[LocalEmbedder]:
     # All cores: the test has the machine to itself, unlike a gateway.
-    model = LocalEmbedder(EmbedderSettings(device="cpu", max_batch=128), threads=os.cpu_count())
+    model = LocalEmbedder(
+        EmbedderSettings(device="cpu", max_batch=128, timeout_seconds=120), threads=os.cpu_count()
+    )
     await model.start()
     yield model
     await model.aclose()
@@ -93,20 +87,19 @@ class TestPackaged:
         assert out.stdout.strip() == "[]"
 
     def test_parameters_describe_themselves(self, verifier: Verifier) -> None:
-        """The file names its features, embedding model, cuts, rule and the CV figures behind them."""
+        """The file names its features, embedding model, rule and the leave-one-domain-out figures."""
         assert verifier.model == PACKAGED_MODEL
-        assert 0 < verifier.threshold < 1 and 0 < verifier.fallback_threshold < 1
-        # One rule: the cut was chosen at the cache's default similarity threshold.
+        # One rule: the gate is the cache's default similarity threshold, the cut follows from δ.
         assert verifier.similarity_threshold == CacheSettings().similarity_threshold
         assert verifier.neighbours >= 1 and verifier.tokens is not None
-        cv = verifier.metrics["cv"]
-        assert cv["verifier"]["precision"] >= verifier.metrics["target_precision"]
-        assert cv["verifier"]["precision"] > cv["cosine_at_same_recall"]["precision"]
-        assert cv["verifier"]["recall"] > cv["fallback"]["verifier"]["recall"]
-        assert verifier.threshold_for(0.9) == verifier.threshold
-        assert verifier.threshold_for(0.9, tokens=False) == verifier.fallback_threshold
-        assert verifier.threshold_for(0.8) < verifier.threshold
-        # The tune API's floor: precision falls as the similarity threshold is lowered.
+        assert verifier.cut_for(0.05) == pytest.approx(0.95) == verifier.threshold
+        assert verifier.cut_for(0.2) == pytest.approx(0.8) and verifier.cut_for(0.2, tokens=False) == 0.8
+        lodo = verifier.metrics["leave_one_domain_out"]
+        assert set(lodo) == {"qqp", "mrpc", "sick", "sts"}
+        for figures in lodo.values():
+            assert figures["prior"]["hits"] >= figures["prior"]["false_hits"] >= 0
+            assert {"cosine_best_at_0.95", "cosine_best_at_same_precision", "met"} <= set(figures)
+        # The tune API's floor: a curve of precision by similarity gate.
         gates = [p["similarity_threshold"] for p in verifier.curve]
         assert gates == sorted(gates) and CacheSettings().similarity_threshold in gates
 
@@ -118,28 +111,25 @@ class TestPackaged:
 
 
 class TestDecisions:
-    async def test_accepts_rewordings(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
-        """Rewordings of the same question are served at the packaged cut; without token embeddings
-        (the fallback trees) at least at the cut measured for precision 0.80."""
-        for q, c in REWORDINGS:
-            decision, sims = await decide(verifier, embedder, q, [c])
-            assert decision.index == 0, (q, c, sims, decision)
-            score = verifier.score_many(q, [c], sims)[0][0]
-            assert score >= verifier.threshold_for(0.80, tokens=False), (q, c, sims, score)
-
-    async def test_accepts_paraphrases_at_a_lower_precision(
+    async def test_rewordings_reach_the_near_miss_band(
         self, verifier: Verifier, embedder: LocalEmbedder
     ) -> None:
-        """Freer paraphrases pass the cut measured for precision 0.80."""
-        threshold = verifier.threshold_for(0.80)
-        scores = [(await decide(verifier, embedder, q, [c]))[0].scores[0] for q, c in PARAPHRASES]
-        assert min(scores) >= threshold, scores
+        """Rewordings of one question score within NEAR_BAND of the default cut (so verification judges
+        them and can bring the cut down to them), with token embeddings and without."""
+        from iros.cache.calibration import NEAR_BAND
+
+        floor = verifier.cut_for(0.05) - NEAR_BAND
+        for q, c in REWORDINGS:
+            decision, sims = await decide(verifier, embedder, q, [c])
+            assert decision.scores[0] >= floor, (q, c, sims, decision)
+            assert verifier.score_many(q, [c], sims)[0][0] >= floor
 
     @pytest.mark.parametrize("kind", HARD_NEGATIVES)
     async def test_rejects_what_cosine_would_serve(
         self, verifier: Verifier, embedder: LocalEmbedder, kind: str
     ) -> None:
-        """A near question that asks something else is rejected though its cosine passes 0.80."""
+        """A near question that asks something else is not served though its cosine passes 0.80, and
+        scores below every rewording."""
         q, c = HARD_NEGATIVES[kind]
         decision, (s,) = await decide(verifier, embedder, q, [c])
         assert s >= 0.80, s
@@ -147,13 +137,15 @@ class TestDecisions:
         # Asked the other way round, the same answer; and the same without token embeddings.
         assert (await decide(verifier, embedder, c, [q]))[0].index is None
         assert verifier.decide(q, [c], [s]).index is None
+        if kind != "question word":  # "who invented" / "when was it invented": the trees cannot tell
+            assert decision.scores[0] < 0.7, decision
 
     async def test_picks_the_right_one_of_several(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
         """Among near candidates the one that asks the same question is chosen, whatever its rank."""
         query = "How can I get a visa for Canada?"
         candidates = ["How can I get a visa for Australia?", "How do I get a visa for Canada?"]
         decision, sims = await decide(verifier, embedder, query, candidates)
-        assert decision.index == 1, (decision, sims)
+        assert int(np.argmax(decision.scores)) == 1, (decision, sims)
 
     def test_batch_form_matches_single_calls(self, verifier: Verifier) -> None:
         """Without tokens, scoring several candidates at once agrees with scoring each alone, at the
@@ -231,7 +223,7 @@ async def test_held_out_pairs_beat_plain_cosine(verifier: Verifier, embedder: Lo
                 verifier.project(asks.tokens[i]),
                 [verifier.project(keys.tokens[nearest[i]])],
             )[0][0]
-            if similarity[i] >= 0.8
+            if similarity[i] >= verifier.similarity_threshold
             else 0.0
             for i, p in enumerate(queries)
         ]

@@ -233,6 +233,14 @@ class TestPage:
         assert page.page.locator('[data-title="Response Time Trend"] .js-plotly-plot').count() == 1
         assert page.errors == [], page.failed
 
+    def test_the_cache_widget_shows_its_verified_error_and_the_bound(self, page: Page) -> None:
+        """Cache efficiency shows verification: the bound δ, the verified count, the estimated rate."""
+        page.wait_all_widgets()
+        section = page.page.locator('[data-title="Cache efficiency"] [data-key="verification"]')
+        assert section.locator('dd[data-key="max_false_hit_rate"]').inner_text() == "5 %"
+        assert section.locator('dd[data-key="verified"]').inner_text() == "0"
+        assert section.locator('dd[data-key="false_hit_rate"]').inner_text() == "–"
+
     def test_phone_width_has_no_horizontal_scroll(self, browser: Any, dash: IrosProcess) -> None:
         """At phone width the page fits the screen: widgets stack and nothing overflows sideways."""
         tab = Page(browser, dash.url, width=390, height=844)

@@ -232,7 +232,7 @@ class TestRules:
             assert answer.headers["x-iros-cache"] == "miss"
         rig.kpis["cache_hit_rate"] = 0.2
         await rig.tick()
-        assert cache.threshold == pytest.approx(0.75)
+        assert cache.threshold == pytest.approx(cache.settings.similarity_threshold - 0.05)
         assert rig.tuning.cache_warming
         assert await rig.optimizer.warm() == 3
         assert (await rig.ask(content="popular 1")).headers["x-iros-cache"] == "hit"

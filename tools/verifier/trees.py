@@ -25,11 +25,17 @@ GBM = {
 }
 
 
-def fit(x: npt.NDArray[np.float64], y: npt.NDArray[np.bool_], seed: int) -> Any:
+def fit(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.bool_],
+    seed: int,
+    weight: npt.NDArray[np.float64] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    model = HistGradientBoostingClassifier(**GBM, random_state=seed)
-    model.fit(x, y)
+    model = HistGradientBoostingClassifier(**(params or GBM), random_state=seed)
+    model.fit(x, y, sample_weight=weight)
     return model
 
 

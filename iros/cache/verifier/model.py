@@ -32,7 +32,7 @@ import orjson
 if TYPE_CHECKING:
     from iros.cache.verifier.tokens import TokenProjection
 
-__all__ = ["FEATURES", "Decision", "Featurizer", "Verifier", "parse"]
+__all__ = ["FEATURES", "Decision", "Featurizer", "Verifier", "parse", "shared_instruction"]
 
 PACKAGED = "verifier.json"
 
@@ -236,6 +236,38 @@ def parse(text: str) -> Parsed:
     )
 
 
+def _negative(word: str) -> bool:
+    return word.replace("'", "") in _NEGATIONS or word.endswith("n't")
+
+
+SHARED_WORDS = 3  # an instruction both prompts share: at least this many words, and half the shorter
+
+
+def shared_instruction(query: str, candidate: str) -> bool:
+    """Two prompts that share an instruction and differ in their input ("Is this review friendly? The
+    food was great." / "... The service was slow."): the shared words lift their cosine and their
+    features alike, yet they ask about different things. True when the words around the shared prefix
+    and suffix substitute a content word on each side, or negate one side only."""
+    q, c = parse(query).words, parse(candidate).words
+    shortest = min(len(q), len(c))
+    prefix = 0
+    while prefix < shortest and q[prefix] == c[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < shortest - prefix and q[-1 - suffix] == c[-1 - suffix]:
+        suffix += 1
+    shared = prefix + suffix
+    if shared < SHARED_WORDS or 2 * shared < shortest or shared == len(q) == len(c):
+        return False
+    rest_q, rest_c = q[prefix : len(q) - suffix], c[prefix : len(c) - suffix]
+    negated = [any(_negative(w) for w in r) for r in (rest_q, rest_c)]
+    if negated[0] != negated[1]:
+        return True
+    content_q = {_stem(w) for w in rest_q if w not in _STOP}
+    content_c = {_stem(w) for w in rest_c if w not in _STOP}
+    return bool(content_q - content_c) and bool(content_c - content_q)
+
+
 def _trigrams(text: str) -> frozenset[str]:
     return frozenset(text[i : i + 3] for i in range(max(len(text) - 2, 0)))
 
@@ -408,6 +440,11 @@ class Verifier:
             params.get("operating_points", []), key=lambda p: p["precision"]
         )
         self.curve: list[dict[str, float]] = params.get("curve", [])
+        # (δ, cut with tokens, cut without) measured out of domain, smallest δ first.
+        self.cuts: list[tuple[float, float, float]] = sorted(
+            (float(c["max_false_hit_rate"]), float(c["threshold"]), float(c["fallback_threshold"]))
+            for c in params.get("cuts", [])
+        )
         self.features = Featurizer(params["idf"]["words"], float(params["idf"]["rare"]))
         self.trees = Trees(params["model"])
         self.tokens: TokenProjection | None = None  # when the trees also read token alignment
@@ -432,6 +469,22 @@ class Verifier:
                 return float(point.get(key, point["threshold"]))
         raise ValueError(f"no measured operating point reaches precision {precision}")
 
+    def cut_for(self, delta: float, tokens: bool = True) -> float:
+        """The prior's cut for δ (the largest share of served hits that may be wrong): 1 - δ when the
+        trees' scores are the chance of a right hit (cut_rule); else the cut tabled for the largest δ
+        not above it, so the bound is never loosened, or the packaged cut when there is no table."""
+        aligned = tokens and self.tokens is not None
+        if self.params.get("cut_rule") == "1 - max_false_hit_rate":
+            # The trees give the chance a hit is right: serve when the chance it is wrong is at most δ.
+            return 1.0 - delta
+        if not self.cuts:
+            return self.threshold if aligned else self.fallback_threshold
+        chosen = self.cuts[0]
+        for row in self.cuts:
+            if row[0] <= delta + 1e-9:
+                chosen = row
+        return chosen[1] if aligned else chosen[2]
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> Verifier:
         """The packaged verifier.json, or another file written by iros.verifier_train."""
@@ -452,6 +505,32 @@ class Verifier:
         """The fallback trees' scores for rows of FEATURES."""
         return _sigmoid(self.fallback.logits(x))
 
+    def scores(
+        self,
+        query: str,
+        candidates: Sequence[str],
+        similarities: Sequence[float],
+        query_tokens: npt.NDArray[Any] | None = None,
+        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
+    ) -> tuple[npt.NDArray[np.float64], bool]:
+        """Scores for several candidates of one query (0 where they share an instruction and differ in
+        their input), and whether the token alignment joined in (False: the fallback trees scored)."""
+        if not candidates:
+            return np.empty(0, np.float64), False
+        x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
+        refused = np.fromiter((shared_instruction(query, c) for c in candidates), bool, len(candidates))
+        if (
+            self.tokens is None
+            or query_tokens is None
+            or candidate_tokens is None
+            or any(t is None for t in candidate_tokens)
+        ):
+            return np.where(refused, 0.0, self._scores(x)), False
+        from iros.cache.verifier.tokens import align_features
+
+        aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
+        return np.where(refused, 0.0, _sigmoid(self.trees.logits(np.hstack([x, aligned])))), True
+
     def score_many(
         self,
         query: str,
@@ -460,24 +539,9 @@ class Verifier:
         query_tokens: npt.NDArray[Any] | None = None,
         candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
     ) -> tuple[npt.NDArray[np.float64], float]:
-        """Scores for several candidates of one query, and the cut they are held to.
-
-        With the projected tokens (project()) of the query and of every candidate the alignment joins
-        in; otherwise the fallback trees score alone against their own cut."""
-        if not candidates:
-            return np.empty(0, np.float64), self.threshold
-        x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
-        if (
-            self.tokens is None
-            or query_tokens is None
-            or candidate_tokens is None
-            or any(t is None for t in candidate_tokens)
-        ):
-            return self._scores(x), self.fallback_threshold
-        from iros.cache.verifier.tokens import align_features
-
-        aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
-        return _sigmoid(self.trees.logits(np.hstack([x, aligned]))), self.threshold
+        """Scores for several candidates of one query, and the cut they are held to (the packaged δ's)."""
+        scores, aligned = self.scores(query, candidates, similarities, query_tokens, candidate_tokens)
+        return scores, self.threshold if aligned else self.fallback_threshold
 
     def decide(
         self,

@@ -380,6 +380,37 @@ function drawKeyValues(widget, data) {
   setState(widget, "ok");
 }
 
+// The semantic cache's own error: the verified false-hit rate with its interval, against δ, and the cut
+// each namespace and model was calibrated to.
+function drawCacheEfficiency(widget, data) {
+  drawKeyValues(widget, data);
+  const v = data && data.verification;
+  if (!v) return;
+  const pct = (x) => fmt(x * 100, "percentage");
+  const rate = v.false_hit_rate === null || v.false_hit_rate === undefined ? "–"
+    : `${pct(v.false_hit_rate)} (${pct(v.interval[0])} – ${pct(v.interval[1])})`;
+  const rows = [
+    ["false-hit rate (95% interval)", rate, "false_hit_rate"],
+    ["bound δ (max_false_hit_rate)", pct(v.max_false_hit_rate), "max_false_hit_rate"],
+    ["verified", fmt(v.verified), "verified"],
+    ["verification calls", fmt(v.verification_calls), "verification_calls"],
+    ["verification tokens", fmt(v.verification_tokens), "verification_tokens"],
+    ["prior cut", fmt(v.prior_cut), "prior_cut"],
+  ];
+  const section = el("div", { class: "verification", "data-key": "verification", "data-above-bound": String(Boolean(v.above_bound)) },
+    el("h3", { text: v.above_bound ? "Verification: above the bound" : "Verification" }),
+    el("dl", { class: "kv" }, ...rows.flatMap(([k, text, key]) => [el("dt", { text: k }), el("dd", { "data-key": key, text })])));
+  if (v.scopes && v.scopes.length) {
+    const head = el("tr", {}, ...["namespace", "model", "cut", "calibrated", "verified", "false-hit rate"].map((h) => el("th", { text: h })));
+    const body = v.scopes.map((s) => el("tr", { "data-scope": `${s.namespace}/${s.model}` },
+      ...[s.namespace, s.model, s.cut === null ? "none served" : fmt(s.cut), s.calibrated ? "yes" : "prior",
+        fmt(s.verified), s.false_hit_rate === null ? "–" : pct(s.false_hit_rate)].map((t) => el("td", { text: t }))));
+    section.append(el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
+  }
+  widget.body.append(section);
+  setState(widget, "ok");
+}
+
 function drawCosts(widget, data) {
   const groups = (data && data.groups) || [];
   const budgets = (data && data.budgets) || [];
@@ -414,7 +445,7 @@ async function loadWidget(widget) {
       return drawActions(widget, answer.body, rules && rules.ok ? rules.body : null);
     }
     if (spec.type === "model_table") return drawTable(widget, answer.body, ["model", "requests", "error_rate", "response_time_ms p50", "response_time_ms p95", "ttft_ms p50", "output_tokens_per_second"]);
-    if (spec.type === "cache_efficiency") return drawKeyValues(widget, answer.body);
+    if (spec.type === "cache_efficiency") return drawCacheEfficiency(widget, answer.body);
     if (spec.type === "cost_table") return drawCosts(widget, answer.body);
     return setState(widget, "error", `unknown widget type ${spec.type}`);
   } catch (err) {
