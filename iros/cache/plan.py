@@ -93,6 +93,8 @@ def plan(
     messages = canonical.get("messages") or []
     last = messages[-1] if messages else None
     prompt = _text(last) if isinstance(last, dict) and last.get("role") == "user" else None
+    if prompt is not None and len(prompt) > settings.semantic_max_chars:
+        prompt = None  # past what the embedding model reads: only an exact repeat may be served
     context_view = dict(canonical, messages=[*messages[:-1], {"role": "user"}]) if prompt else canonical
     return Plan(
         namespace=namespace,

@@ -352,6 +352,12 @@ class CacheSettings(Strict):
         le=2,
         description="requests sampled hotter than this are not cached (unset counts as cacheable)",
     )
+    semantic_max_chars: int = Field(
+        1000,
+        ge=1,
+        description="longer last user turns are matched exactly only: the embedding model reads its first "
+        "256 word pieces (about 1,000 characters), so two long texts alike there would look the same",
+    )
     ttl_seconds: float | None = Field(86400.0, gt=0)
     max_entries: int = Field(100_000, ge=1)
     max_memory_mb: float = Field(512.0, gt=0)

@@ -63,3 +63,16 @@ class TestClientTtl:
         assert _plan(cache, {**base, "iros": {"ttl": ceiling * 1000}}).ttl == ceiling
         assert _plan(cache, {**base, "iros": {"ttl": 5}}).ttl == 5.0
         assert _plan(cache, base).ttl == ceiling
+
+
+class TestLongPrompts:
+    def test_a_prompt_longer_than_the_model_reads_is_matched_exactly_only(self, cache: ResponseCache) -> None:
+        """Two long texts that share what the embedding model reads get no semantic view; short ones do."""
+        limit = cache.settings.semantic_max_chars
+        shared = "Summarise this report. " + "word " * limit
+        long_plan = _plan(cache, {"model": "m", "messages": [{"role": "user", "content": shared + "A"}]})
+        other = _plan(cache, {"model": "m", "messages": [{"role": "user", "content": shared + "B"}]})
+        short = _plan(cache, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert long_plan.prompt is None and other.prompt is None
+        assert long_plan.key != other.key  # exact repeats are still served
+        assert short.prompt == "hi"
