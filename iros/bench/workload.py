@@ -34,7 +34,15 @@ import aiohttp
 import numpy as np
 import orjson
 
-from iros.bench.pairs import SEMANTIC_READY_TIMEOUT, Pair, ProgressFn, quiet, ratio, request_body
+from iros.bench.pairs import (
+    SEMANTIC_READY_TIMEOUT,
+    Pair,
+    ProgressFn,
+    label_groups,
+    quiet,
+    ratio,
+    request_body,
+)
 
 TARGET_HIT_RATE = 0.70
 TARGET_FALSE_HIT_RATE = 0.01
@@ -56,27 +64,25 @@ class Ask:
 
 def _phrasings(pairs: list[Pair]) -> list[list[str]]:
     """Groups of texts that ask the same thing (joined by label-1 pairs), each led by an `a` text."""
-    parent: dict[str, str] = {}
-
-    def root(text: str) -> str:
-        while parent.setdefault(text, text) != text:
-            parent[text] = parent[parent[text]]
-            text = parent[text]
-        return text
-
+    group = label_groups(pairs)
+    seen: set[str] = set()
     leads: list[str] = []
+    texts: list[str] = []  # in the order they first appear
     for p in pairs:
         if p.label == 1 and p.a != p.b:
-            if p.a not in parent:
+            if p.a not in seen:
                 leads.append(p.a)
-            parent[root(p.b)] = root(p.a)
-    groups: dict[str, list[str]] = {}
+            for text in (p.a, p.b):
+                if text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+    groups: dict[int, list[str]] = {}
     for text in leads:
-        groups.setdefault(root(text), []).append(text)
-    for text in parent:
-        group = groups[root(text)]
-        if text not in group:
-            group.append(text)
+        groups.setdefault(group[text], []).append(text)
+    for text in texts:
+        members = groups[group[text]]
+        if text not in members:
+            members.append(text)
     return list(groups.values())
 
 
