@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from iros.bench.pairs import DATA_DIR
 from iros.cache.embedder import PACKAGED_MODEL, LocalEmbedder
-from iros.cache.verifier.model import FEATURES, Decision, Verifier
+from iros.cache.verifier.model import FEATURES, Verifier
 from iros.config import CacheSettings, EmbedderSettings
 
 DEV = DATA_DIR / "qqp" / "dev.jsonl.gz"
@@ -63,15 +64,39 @@ async def cosine(embedder: LocalEmbedder, pairs: list[tuple[str, str]]) -> npt.N
     return sims
 
 
+@dataclass(frozen=True)
+class Decided:
+    index: int | None  # the candidate served, or None
+    scores: npt.NDArray[np.float64]
+
+
+def decided(
+    verifier: Verifier,
+    query: str,
+    candidates: list[str],
+    sims: list[float],
+    query_tokens: npt.NDArray[Any] | None = None,
+    candidate_tokens: list[npt.NDArray[Any]] | None = None,
+    delta: float = 0.05,
+) -> Decided:
+    """What the cache decides before any verification (cache/engine.py): the best score against the
+    prior's cut for δ."""
+    scores, aligned = verifier.scores(query, candidates, sims, query_tokens, candidate_tokens)
+    if not len(scores):
+        return Decided(None, scores)
+    best = int(np.argmax(scores))
+    return Decided(best if scores[best] >= verifier.cut_for(delta, aligned) else None, scores)
+
+
 async def decide(
     verifier: Verifier, embedder: LocalEmbedder, query: str, candidates: list[str]
-) -> tuple[Decision, list[float]]:
+) -> tuple[Decided, list[float]]:
     """The verifier's decision as the cache makes it: cosines and token embeddings from the model."""
     encoded = await embedder.embed_tokens([query, *candidates])
     assert encoded.tokens is not None
     sims = (encoded.vectors[1:] @ encoded.vectors[0]).tolist()
     projected = [verifier.project(t) for t in encoded.tokens]
-    return verifier.decide(query, candidates, sims, projected[0], projected[1:]), sims
+    return decided(verifier, query, candidates, sims, projected[0], projected[1:]), sims
 
 
 class TestPackaged:
@@ -80,7 +105,7 @@ class TestPackaged:
         """The packaged verifier loads and scores with numpy alone."""
         code = (
             "import sys; from iros.cache.verifier.model import Verifier; v = Verifier.load(); "
-            "v.decide('How do I learn Python?', ['How can I learn Python?'], [0.95]); "
+            "v.scores('How do I learn Python?', ['How can I learn Python?'], [0.95]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'torch', 'scipy')))"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -122,7 +147,7 @@ class TestDecisions:
         for q, c in REWORDINGS:
             decision, sims = await decide(verifier, embedder, q, [c])
             assert decision.scores[0] >= floor, (q, c, sims, decision)
-            assert verifier.score_many(q, [c], sims)[0][0] >= floor
+            assert verifier.scores(q, [c], sims)[0][0] >= floor
 
     @pytest.mark.parametrize("kind", HARD_NEGATIVES)
     async def test_rejects_what_cosine_would_serve(
@@ -136,7 +161,7 @@ class TestDecisions:
         assert decision.index is None, decision
         # Asked the other way round, the same answer; and the same without token embeddings.
         assert (await decide(verifier, embedder, c, [q]))[0].index is None
-        assert verifier.decide(q, [c], [s]).index is None
+        assert decided(verifier, q, [c], [s]).index is None
         if kind != "question word":  # "who invented" / "when was it invented": the trees cannot tell
             assert decision.scores[0] < 0.7, decision
 
@@ -153,12 +178,12 @@ class TestDecisions:
         query = "How do I learn Python?"
         candidates = ["How can I learn Python?", "How do I learn Java?", "Why learn Python?"]
         sims = [0.96, 0.85, 0.82]
-        many, cut = verifier.score_many(query, candidates, sims)
-        single = [verifier.score_many(query, [c], [s])[0][0] for c, s in zip(candidates, sims, strict=True)]
+        many, aligned = verifier.scores(query, candidates, sims)
+        single = [verifier.scores(query, [c], [s])[0][0] for c, s in zip(candidates, sims, strict=True)]
         assert np.allclose(many, single)
-        assert cut == verifier.fallback_threshold
-        assert verifier.score_many(query, [], [])[0].shape == (0,)
-        assert verifier.decide(query, [], []).index is None
+        assert not aligned  # no token embeddings: the fallback trees scored, held to their own cut
+        assert verifier.scores(query, [], [])[0].shape == (0,)
+        assert decided(verifier, query, [], []).index is None
 
 
 class TestFeatures:
@@ -178,16 +203,16 @@ class TestFeatures:
         x = verifier.features(query, candidate, 0.5)
         assert x.shape == (len(FEATURES),)
         assert np.all(np.isfinite(x))
-        assert 0.0 <= verifier.score_many(query, [candidate], [0.5])[0][0] <= 1.0
+        assert 0.0 <= verifier.scores(query, [candidate], [0.5])[0][0] <= 1.0
 
     def test_under_a_millisecond(self, verifier: Verifier) -> None:
         """Scoring a new query against a cached question takes well under a millisecond."""
         cached = "How can I get a visa for Canada?"
-        verifier.decide("warm up", [cached], [0.9])
+        decided(verifier, "warm up", [cached], [0.9])
         times = []
         for i in range(300):
             started = time.perf_counter()
-            verifier.decide(f"How do I get a visa for country number {i}?", [cached], [0.9])
+            decided(verifier, f"How do I get a visa for country number {i}?", [cached], [0.9])
             times.append(time.perf_counter() - started)
         assert float(np.median(times)) < 0.001
 
@@ -216,7 +241,7 @@ async def test_held_out_pairs_beat_plain_cosine(verifier: Verifier, embedder: Lo
     positives = sum(p["label"] == 1 for p in queries)
     scores = np.array(
         [
-            verifier.score_many(
+            verifier.scores(
                 p["b"],
                 [cached[nearest[i]]],
                 [float(similarity[i])],

@@ -4,12 +4,12 @@ Cosine similarity of sentence embeddings ranks candidates well but cannot tell "
 Canada?" from "How do I get a visa for Australia?". The verifier looks at what cosine blurs (numbers,
 negations, names, the kind of question, the words one side has and the other lacks) and scores the pair
 with gradient-boosted trees that also read how well the two questions' MiniLM token embeddings align
-(tokens.py), trained by tools/verifier/train.py; inference is plain numpy.
+(tokens.py), trained by tools/verifier/prior.py; inference is plain numpy.
 
 verifier = Verifier.load()                                  # the packaged verifier.json
 q = verifier.project(query_token_embeddings)                # kept with each cached entry as well
-decision = verifier.decide(query, [cached_prompt], [similarity], q, [cached_projected_tokens])
-if decision.index is not None:
+scores, aligned = verifier.scores(query, [cached_prompt], [similarity], q, [cached_projected_tokens])
+if scores[0] >= verifier.cut_for(delta, aligned):   # the cache's calibration may move this cut
     ...serve the cached answer
 """
 
@@ -32,7 +32,7 @@ import orjson
 if TYPE_CHECKING:
     from iros.cache.verifier.tokens import TokenProjection
 
-__all__ = ["FEATURES", "Decision", "Featurizer", "Verifier", "parse", "shared_instruction"]
+__all__ = ["FEATURES", "Featurizer", "Verifier", "parse", "shared_instruction"]
 
 PACKAGED = "verifier.json"
 
@@ -368,15 +368,6 @@ class Featurizer:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What the verifier made of one lookup's candidates: the one to serve (None: none), and the scores."""
-
-    index: int | None
-    scores: npt.NDArray[np.float64]
-    threshold: float
-
-
 class Trees:
     """Gradient-boosted trees exported by tools/verifier/trees.py, run on numpy.
 
@@ -530,30 +521,3 @@ class Verifier:
 
         aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
         return np.where(refused, 0.0, _sigmoid(self.trees.logits(np.hstack([x, aligned])))), True
-
-    def score_many(
-        self,
-        query: str,
-        candidates: Sequence[str],
-        similarities: Sequence[float],
-        query_tokens: npt.NDArray[Any] | None = None,
-        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
-    ) -> tuple[npt.NDArray[np.float64], float]:
-        """Scores for several candidates of one query, and the cut they are held to (the packaged δ's)."""
-        scores, aligned = self.scores(query, candidates, similarities, query_tokens, candidate_tokens)
-        return scores, self.threshold if aligned else self.fallback_threshold
-
-    def decide(
-        self,
-        query: str,
-        candidates: Sequence[str],
-        similarities: Sequence[float],
-        query_tokens: npt.NDArray[Any] | None = None,
-        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
-    ) -> Decision:
-        """The candidate to serve: the best-scoring one, if it reaches its cut."""
-        scores, cut = self.score_many(query, candidates, similarities, query_tokens, candidate_tokens)
-        if not len(scores):
-            return Decision(None, scores, cut)
-        best = int(np.argmax(scores))
-        return Decision(best if scores[best] >= cut else None, scores, cut)
