@@ -175,15 +175,23 @@ def run_overhead(
                 "iros": (f"{iros_proc.url}/v1/chat/completions", "through Iros"),
             }
             servers: dict[str, ChildProcess] = {"iros": iros_proc}
+
+            def beside(key: str, proc: ChildProcess, name: str, where: str, log: str) -> None:
+                """Another Iros under the same load, its figures reported as `key`."""
+                procs.append((proc, name, log))
+                servers[key] = proc
+                targets[key] = (f"{proc.url}/v1/chat/completions", where)
+
             if metrics_baseline:
                 bare_proc = start_iros(
                     workdir, nginx_proc.port, iros_workers, metrics=False, name="bare", env=no_otel
                 )
-                procs.append((bare_proc, "Iros without metrics", "bare.log"))
-                servers["iros_no_metrics"] = bare_proc
-                targets["iros_no_metrics"] = (
-                    f"{bare_proc.url}/v1/chat/completions",
+                beside(
+                    "iros_no_metrics",
+                    bare_proc,
+                    "Iros without metrics",
                     "through Iros without metrics",
+                    "bare.log",
                 )
             if receiver is not None:
                 otel_env = {
@@ -192,19 +200,21 @@ def run_overhead(
                     "OTEL_SERVICE_NAME": "iros-bench",
                 }
                 otel_proc = start_iros(workdir, nginx_proc.port, iros_workers, name="otel", env=otel_env)
-                procs.append((otel_proc, "Iros exporting OpenTelemetry", "otel.log"))
-                servers["iros_otel"] = otel_proc
-                targets["iros_otel"] = (
-                    f"{otel_proc.url}/v1/chat/completions",
+                beside(
+                    "iros_otel",
+                    otel_proc,
+                    "Iros exporting OpenTelemetry",
                     "through Iros with OTLP export",
+                    "otel.log",
                 )
             if cache:
                 off_proc = start_iros(workdir, nginx_proc.port, iros_workers, name="cache-off", env=no_otel)
-                procs.append((off_proc, "Iros with the cache off", "cache-off.log"))
-                servers["iros_cache_off"] = off_proc
-                targets["iros_cache_off"] = (
-                    f"{off_proc.url}/v1/chat/completions",
+                beside(
+                    "iros_cache_off",
+                    off_proc,
+                    "Iros with the cache off",
                     "through Iros with the cache off",
+                    "cache-off.log",
                 )
                 _wait_semantic(iros_proc)
                 _ask_a_few(iros_proc)
@@ -216,9 +226,7 @@ def run_overhead(
             scripts = {key: script for key in targets}
             if ratelimit_redis:
                 for key, proc, where in _ratelimit_servers(workdir, nginx_proc.port, iros_workers, extra):
-                    procs.append((proc, where, f"{key.removeprefix('iros_')}.log"))
-                    servers[key] = proc
-                    targets[key] = (f"{proc.url}/v1/chat/completions", where)
+                    beside(key, proc, where, where, f"{key.removeprefix('iros_')}.log")
                     scripts[key] = workdir / "bench-keyed.lua"
                 scripts["iros_keyed"].write_text(
                     wrk_script(distinct=cache, authorization=f"Bearer {BENCH_KEY}")
