@@ -112,17 +112,33 @@ def serve_in_thread(port: int, routes: Sequence[web.AbstractRouteDef], timeout: 
     ready.wait(timeout)
 
 
+def completion(content: str, model: str = "m") -> dict[str, Any]:
+    """A whole OpenAI chat completion answering `content`, as a fake upstream sends it."""
+    message = {"role": "assistant", "content": content}
+    return {
+        "id": "chatcmpl-up",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
+    }
+
+
 class RecordingUpstream:
     """A real OpenAI-shaped server on a socket that keeps every request it receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.requests: list[dict[str, Any]] = []
+        self.delay = delay  # seconds before each answer: a model's time to answer, not a loopback's
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append({"body": body, "headers": dict(request.headers)})
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return web.Response(
             body=orjson.dumps(
                 {

@@ -3,6 +3,8 @@ the last user turn, checked by a verifier before they are served.
 
 plan = cache.plan(request, principal, cache_control)     # None: this request is not cacheable
 hit = await cache.lookup(plan)                           # exact, then semantic; None on a miss
+hit = await cache.exact(plan); task = cache.begin(plan)   # or: the semantic part beside the upstream call,
+cache.settle(plan, hit_or_none)                          #   and what became of it counted once decided
 body_or_chunks = cache.replay(hit, request_id, stream=..., include_usage=...)
 cache.save(plan, completion, upstream_ms)                # after a good answer; written in the background
 
@@ -201,30 +203,67 @@ class ResponseCache:
 
     # --- lookup -------------------------------------------------------------------------------
     async def lookup(self, plan: Plan) -> Hit | None:
+        """Exact, then semantic, counted: the whole lookup, waited for (the gateway overlaps the semantic
+        part with the upstream call instead: exact(), then begin(), then settle())."""
         if not plan.read:
             return None
+        hit = await self.exact(plan)
+        if hit is None and plan.prompt and self.semantic_ready:
+            hit = await self.find(plan)
+        self.settle(plan, hit)
+        return hit
+
+    async def exact(self, plan: Plan) -> Hit | None:
+        """The exact answer for this request (its own namespace, then the shared one); not counted."""
+        if not (plan.read and self.settings.exact):
+            return None
         now = time.time()
-        if self.settings.exact:
-            for candidate in (plan, self.shared(plan)):
-                entry = await self.store.get(candidate.key)
-                if entry is not None and _fresh(entry, plan, now):
-                    self._hit(entry, "hit")
-                    return Hit(entry, "hit")
-        if plan.prompt and self.semantic_ready:
-            try:
-                hit = await self._semantic(plan, now)
-            except EmbedderBusy:
-                # The embedder is behind: a miss now is faster than a lookup that waits for it.
-                self.counts["skipped"] += 1
-                plan.skipped = True
-                if self.on_skip is not None:
-                    self.on_skip()
-                hit = None
-            if hit is not None:
-                self._hit(hit.entry, "semantic_hit")
-                return hit
-        self._missed(plan)
+        for candidate in (plan, self.shared(plan)):
+            entry = await self.store.get(candidate.key)
+            if entry is not None and _fresh(entry, plan, now):
+                return Hit(entry, "hit")
         return None
+
+    def begin(self, plan: Plan) -> asyncio.Task[Hit | None] | None:
+        """Start the semantic lookup in the background (None when there is none to make). The task never
+        raises; its embedding is kept on the plan, so the answer's save reuses it (_save waits for it)."""
+        if not (plan.read and plan.prompt and self.semantic_ready):
+            return None
+        task = plan.lookup = asyncio.get_running_loop().create_task(self._find_safely(plan))
+        return task
+
+    async def _find_safely(self, plan: Plan) -> Hit | None:
+        try:
+            return await self.find(plan)
+        except Exception as exc:
+            # A lookup that cannot answer (the embedder failing) is a miss, never the request's failure.
+            log.warning("semantic cache lookup failed, going upstream: %s", exc)
+            plan.write = False
+            return None
+
+    async def find(self, plan: Plan) -> Hit | None:
+        """The semantic match for this request, or None; not counted (settle() counts what is served)."""
+        try:
+            return await self._semantic(plan, time.time())
+        except EmbedderBusy:
+            # The embedder is behind: a miss now is faster than a lookup that waits for it.
+            self.counts["skipped"] += 1
+            plan.skipped = True
+            if self.on_skip is not None:
+                self.on_skip()
+            return None
+
+    def settle(self, plan: Plan, hit: Hit | None, overtaken: bool = False) -> None:
+        """Count what became of a lookup: the hit served, or a miss. `overtaken`: the upstream answer came
+        before the semantic lookup had decided, and was served instead."""
+        if hit is not None:
+            self._hit(hit.entry, hit.kind)
+            if hit.kind == "semantic_hit":
+                self.similarity_bins["served"][_bin(hit.similarity)] += 1
+            return
+        if overtaken:
+            self.counts["overtaken"] += 1
+        self._missed(plan)
 
     async def _embed(self, texts: list[str]) -> tuple[np.ndarray[Any, Any], list[Any] | None]:
         """Vectors, and the verifier's projection of each text's tokens where the embedder gives them."""
@@ -289,7 +328,7 @@ class ResponseCache:
         ]
         if not matches:
             return None
-        bin_ = min(int(max(matches[0][1], 0.0) * 20), 19)
+        bin_ = _bin(matches[0][1])
         verifier = self.verifier if self.settings.verifier else None
         # The verifier chooses among its `neighbours` nearest above the threshold; plain cosine takes
         # the nearest.
@@ -324,11 +363,9 @@ class ResponseCache:
             self.counts["would_be_hit"] += 1
             if self._sample(plan, scope, key, score, prior, served=True):
                 return None  # asked upstream: the fresh answer is served and judged
-            bin_ = min(int(max(similarity, 0.0) * 20), 19)
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
-        self.similarity_bins["served"][bin_] += 1
         return Hit(entry, "semantic_hit", similarity)
 
     # --- verification -------------------------------------------------------------------------
@@ -446,6 +483,15 @@ class ResponseCache:
     def save(self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str) -> None:
         """Store a good answer in the background; the response never waits for it (nor for the judge
         when the answer was fetched to verify a cached one)."""
+        lookup = plan.lookup
+        if lookup is not None and not lookup.done():
+            # Overtaken by this answer, the semantic lookup is still embedding the question; what it
+            # finds decides too whether the answer is judged against a cached one (plan.verify).
+            if len(self._saves) < MAX_PENDING_SAVES:
+                self._background(self._save_after(lookup, plan, completion, upstream_ms, served_by))
+            else:
+                self.counts["save_dropped"] += 1
+            return
         pending = plan.verify
         if pending is not None:
             plan.verify = None
@@ -461,6 +507,18 @@ class ResponseCache:
             self.counts["save_dropped"] += 1
             return
         self._background(self._save(plan, completion, upstream_ms, served_by))
+
+    async def _save_after(
+        self,
+        lookup: asyncio.Task[Hit | None],
+        plan: Plan,
+        completion: dict[str, Any],
+        upstream_ms: float,
+        served_by: str,
+    ) -> None:
+        await asyncio.wait((lookup,))
+        plan.lookup = None
+        self.save(plan, completion, upstream_ms, served_by)
 
     async def store_now(
         self, plan: Plan, completion: dict[str, Any], upstream_ms: float, served_by: str
@@ -544,6 +602,10 @@ class ResponseCache:
             "verification": self.verification_report(),
             # Semantic lookups skipped (served as misses) because the embedder was behind.
             "skipped": self.counts["skipped"],
+            # Misses whose upstream answer came before the semantic lookup decided (cache.overlap).
+            "overtaken": self.counts["overtaken"],
+            # Upstream calls started beside a semantic lookup and cut short by its hit (overlap: speculate).
+            "speculative_cancelled": self.counts["speculative_cancelled"],
             "saved": self.counts["saved"],
             "store_errors": self.counts["store_errors"],
             "indexed": len(self.index) if self.index is not None else 0,
@@ -557,6 +619,11 @@ def _lookup_timeout(settings: CacheSettings) -> float:
     if embedder.lookup_timeout_ms is not None:
         return embedder.lookup_timeout_ms / 1000
     return LOCAL_LOOKUP_TIMEOUT if embedder.backend == "local" else embedder.timeout_seconds
+
+
+def _bin(similarity: float) -> int:
+    """similarity_bins' bin: 0.05 wide."""
+    return min(int(max(similarity, 0.0) * 20), 19)
 
 
 def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:

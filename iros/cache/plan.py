@@ -52,6 +52,7 @@ class Plan:
     embedding: np.ndarray[Any, Any] | None = field(default=None, repr=False)
     tokens: np.ndarray[Any, Any] | None = field(default=None, repr=False)  # the verifier's projection
     verify: Any = field(default=None, repr=False)  # calibration.Pending: judge the fresh answer against it
+    lookup: Any = field(default=None, repr=False)  # asyncio.Task: the semantic lookup, run beside the call
 
     @property
     def key(self) -> str:

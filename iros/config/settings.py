@@ -358,6 +358,15 @@ class CacheSettings(Strict):
         description="longer last user turns are matched exactly only: the embedding model reads its first "
         "256 word pieces (about 1,000 characters), so two long texts alike there would look the same",
     )
+    overlap: Literal["auto", "speculate", "queue", "off"] = Field(
+        "auto",
+        description="how the semantic lookup meets the upstream call on a request the exact cache misses. "
+        "speculate: the call starts beside the lookup and a hit cuts it short (a miss never waits for the "
+        "embedding; a semantic hit costs a call cancelled within milliseconds); queue: the lookup runs while "
+        "the request waits for the deployment's connection and the call is sent only after a miss (no call "
+        "wasted; a miss waits for what is left of the lookup); auto: speculate on deployments without a "
+        "price, queue on priced ones; off: the lookup, then the call",
+    )
     ttl_seconds: float | None = Field(86400.0, gt=0)
     max_entries: int = Field(100_000, ge=1)
     max_memory_mb: float = Field(512.0, gt=0)

@@ -36,10 +36,12 @@ from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.core.tracecontext import TraceContext
+from iros.gateway import overlap
 from iros.gateway.auth import KeyRing
 from iros.gateway.budgets import Budgets
 from iros.gateway.costs import Prices, cost
 from iros.gateway.keyguard import KeyGuard
+from iros.gateway.overlap import Gate
 from iros.gateway.ratelimit import RateLimiter
 from iros.gateway.relay import DONE, JSON, SSE, relay, response_headers
 from iros.gateway.singleflight import SingleFlight, request_key
@@ -152,11 +154,12 @@ class Gateway:
                 )
                 if plan is not None:
                     hit = await self._lookup(plan)
-                    record.cache = hit.kind if hit is not None else "miss"
                     if hit is not None:
+                        record.cache = hit.kind
                         spans.lap("cache")
                         await self._replay(hit, request, record, send)
                         return
+                    record.cache = "miss"
             spans.lap("cache")
             candidates = self.router.candidates(request.model, min_accuracy)
             spans.lap("route")
@@ -243,14 +246,60 @@ class Gateway:
         return deployment, completion, record.spans
 
     async def _lookup(self, plan: Plan) -> Hit | None:
-        assert self.cache is not None
+        """The exact hit, or with cache.overlap off the semantic one too. Otherwise the semantic lookup
+        is started here (plan.lookup) and met by the upstream call (overlap.race)."""
+        cache = self.cache
+        assert cache is not None
+        if not plan.read:
+            return None  # Cache-Control: no-cache: neither a hit nor a miss
         try:
-            return await self.cache.lookup(plan)
+            hit = await cache.exact(plan)
         except Exception as exc:
             # A cache that cannot answer (Redis down, embedder failing) is bypassed, never fatal.
             log.warning("cache lookup failed, going upstream: %s", exc)
             plan.write = False
+            cache.settle(plan, None)
             return None
+        if hit is None:
+            lookup = cache.begin(plan)
+            if lookup is not None:
+                if cache.settings.overlap != "off":
+                    return None
+                hit = await lookup
+                plan.lookup = None
+        cache.settle(plan, hit)
+        return hit
+
+    async def _race(
+        self,
+        plan: Plan | None,
+        gate: Gate,
+        call: Awaitable[T],
+        request: ParsedRequest,
+        record: RequestRecord,
+        send: Send,
+    ) -> T | None:
+        """The call, beside the semantic lookup when one runs (overlap.race); None when a hit came
+        first and was replayed."""
+        if plan is None or plan.lookup is None or self.cache is None:
+            return await call
+        won = await overlap.race(self.cache, plan, gate, call)
+        if not isinstance(won, Hit):
+            return won
+        record.cache, record.attempts = won.kind, 0
+        record.spans.lap("cache")
+        await self._replay(won, request, record, send)
+        return None
+
+    def _gate(self, plan: Plan | None, spans: Spans, flight_key: str | None = None) -> Gate:
+        keep = None
+        if flight_key is not None and self.flight is not None:
+            flight, key = self.flight, flight_key
+
+            def keep() -> bool:
+                return flight.followers(key) > 0  # identical requests wait on this call
+
+        return Gate.of(self.cache, plan, spans, keep)
 
     async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
         completion = orjson.loads(hit.entry.body)
@@ -349,18 +398,28 @@ class Gateway:
         plan: Plan | None = None,
     ) -> None:
         spans = record.spans
+        key = None
+        if self.flight is not None:
+            key = request_key(f"{record.principal}\0{request.operation}", request.data)
+        gate = self._gate(plan, spans, key)
 
         async def complete(deployment: Deployment) -> Completion:
+            await gate(deployment)
             return await deployment.backend.complete(request.data, spans, request.operation)
 
         async def upstream() -> tuple[Deployment, Completion]:
             return await self._call(candidates, record, complete)
 
-        if self.flight is None:
-            deployment, completion = await upstream()
+        if self.flight is None or key is None:
+            answered = await self._race(plan, gate, upstream(), request, record, send)
+            if answered is None:
+                return  # the cache's answer was served
+            deployment, completion = answered
         else:
-            key = request_key(f"{record.principal}\0{request.operation}", request.data)
-            (deployment, completion), shared = await self.flight.do(key, upstream)
+            flown = await self._race(plan, gate, self.flight.do(key, upstream), request, record, send)
+            if flown is None:
+                return
+            (deployment, completion), shared = flown
             if shared:
                 # The wait was for the model's answer: upstream time, not Iros's.
                 spans.lap("upstream_connect")
@@ -398,17 +457,24 @@ class Gateway:
         plan: Plan | None = None,
     ) -> None:
         spans = record.spans
+        gate = self._gate(plan, spans)
 
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
         async def open_stream(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes | None]:
+            await gate(deployment)
             chunks = deployment.backend.stream(request.data, spans, request.operation)
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
                 return chunks, None
 
-        deployment, (chunks, first) = await self._call(candidates, record, open_stream, hold=True)
+        opened = await self._race(
+            plan, gate, self._call(candidates, record, open_stream, hold=True), request, record, send
+        )
+        if opened is None:
+            return  # the cache's answer was served
+        deployment, (chunks, first) = opened
         try:
             spans.lap("upstream_ttft")
             keep: list[bytes] | None = (

@@ -26,18 +26,30 @@ T = TypeVar("T")
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[str, asyncio.Future[T]] = {}
+        self._followers: dict[str, int] = {}
         self.calls = 0  # calls actually made
         self.shared = 0  # callers answered by someone else's call
 
     def __len__(self) -> int:
         return len(self._flights)
 
+    def followers(self, key: str) -> int:
+        """Callers waiting on the call in flight for `key`."""
+        return self._followers.get(key, 0)
+
     async def do(self, key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         flight = self._flights.get(key)
         if flight is not None:
             self.shared += 1
-            # shield: a follower leaving must not cancel the future the others wait on.
-            return await asyncio.shield(flight), True
+            self._followers[key] = self._followers.get(key, 0) + 1
+            try:
+                # shield: a follower leaving must not cancel the future the others wait on.
+                return await asyncio.shield(flight), True
+            finally:
+                if (left := self._followers.get(key, 0) - 1) > 0:
+                    self._followers[key] = left
+                else:
+                    self._followers.pop(key, None)
         flight = self._flights[key] = asyncio.get_running_loop().create_future()
         self.calls += 1
         try:

@@ -76,6 +76,9 @@ async def call(
                 deployment.breaker.release_probe()
                 busy = exc
                 continue
+            except BaseException:
+                deployment.breaker.release_probe()  # cancelled while queued (a cache hit came first)
+                raise
             finally:
                 spans.lap("upstream_queue")  # the model server's capacity, not Iros's time
         calls += 1

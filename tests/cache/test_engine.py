@@ -286,13 +286,20 @@ def wait_semantic(proc: IrosProcess, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
+def model_like() -> RecordingUpstream:
+    """An upstream that takes a small model's time to answer (0.3 s): the semantic lookup, which runs
+    beside the upstream call (cache.overlap), decides first, as it does against a real model."""
+    return RecordingUpstream(delay=0.3).start()
+
+
+@pytest.fixture(scope="module")
 def semantic(
-    upstream: IrosProcess, recorder: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
+    upstream: IrosProcess, model_like: RecordingUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[IrosProcess]:
     # A loose bound (cut 0.7): the prior alone serves a plain paraphrase; the default 0.05 waits for
     # verification to show where this traffic's cut may go (tests/cache/test_verification.py).
     config = cache_config(
-        upstream, recorder, tmp_path_factory.mktemp("semantic-data"), semantic=True, max_false_hit_rate=0.3
+        upstream, model_like, tmp_path_factory.mktemp("semantic-data"), semantic=True, max_false_hit_rate=0.3
     )
     with IrosProcess.serve(config, env={"TEST_ADMIN_KEY": ADMIN_KEY}) as proc:
         wait_semantic(proc)
@@ -330,7 +337,7 @@ class TestSemantic:
 
 
 def test_two_replicas_share_one_redis_cache(
-    upstream: IrosProcess, recorder: RecordingUpstream, tmp_path: Path
+    upstream: IrosProcess, model_like: RecordingUpstream, tmp_path: Path
 ) -> None:
     """An answer cached by one replica is an exact and a semantic hit on the other; with Redis gone,
     both keep serving from the model."""
@@ -341,7 +348,7 @@ def test_two_replicas_share_one_redis_cache(
         configs = [
             # δ 0.3: the prior alone serves the paraphrase (as in the `semantic` fixture).
             cache_config(
-                upstream, recorder, tmp_path / name, semantic=True, store=store, max_false_hit_rate=0.3
+                upstream, model_like, tmp_path / name, semantic=True, store=store, max_false_hit_rate=0.3
             )
             for name in ("a", "b")
         ]

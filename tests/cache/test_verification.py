@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from iros.testing.iros import IrosProcess, free_port, wait_until
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, serve_in_thread
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, completion, serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -40,17 +40,7 @@ class MeaningUpstream:
         body = await request.json()
         text = body["messages"][-1]["content"]
         self.asked.append(text)
-        answer = MEANING.get(text, f"About: {text}")
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
-        usage = {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
-        data = {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "m",
-            "choices": [choice],
-            "usage": usage,
-        }
+        data = completion(MEANING.get(text, f"About: {text}"))
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
     def start(self) -> MeaningUpstream:
