@@ -41,6 +41,7 @@ from iros.api.state import StateAPI
 from iros.api.system import SystemAPI
 from iros.backends.simulation import PROFILES
 from iros.cache.engine import ResponseCache, build_cache
+from iros.cache.shared_calibration import SharedCalibration
 from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings
 from iros.core.admission import Admission
@@ -281,6 +282,8 @@ def create_app(settings: Settings) -> IrosApp:
         cache = build_cache(settings.cache, data_dir, note_stage)
         if monitor is not None:
             cache.on_skip = monitor.exposition.cache_skipped.inc
+        # One calibration for every worker: each judges outcomes on its own traffic, all cut on them all.
+        cache.share_outcome = SharedCalibration(cache.calibration, shared).publish
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
     for name in KNOBS:

@@ -7,6 +7,8 @@ cut = scope.cut(prior_cut)                     # the prior's cut until the scope
 if scope.sample(score, cut): ...               # ask upstream too, judge the fresh answer against the cached
 scope.record(score, correct, weight)           # a judged outcome (weight: 1 / the chance it was sampled)
 scope.report()                                 # estimate, Wilson interval, verified count, the cut
+outcome = calibration.record(pending, correct) # judged here: into its scope, and what to tell the others
+calibration.add(outcomes)                      # judged by another worker: into its scope only
 
 Why a confidence bound: an error rate measured on 30 verified hits says little. The cut is the lowest
 score whose verified hits above it keep the Wilson interval's upper end at or under δ; until some cut
@@ -14,6 +16,9 @@ does, the prior decides, unless the outcomes already show the prior's cut is wro
 lower end above δ), and then the cut rises to where the measured rate is under δ. Outcomes are weighted
 by the inverse of their sampling chance, so a region sampled densely does not outweigh one sampled
 sparsely. Sampling is dense (max_share) while the bound is not yet under δ, sparse once it is well under.
+
+Every worker holds every worker's outcomes (shared_calibration.py carries them), so all compute the same
+cut; this module only counts, it never waits on another worker.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Calibration", "Pending", "Scope", "wilson"]
+__all__ = ["Calibration", "Outcome", "Pending", "Scope", "wilson"]
 
 Z = 1.96  # two-sided 95%
 MIN_VERIFIED = 20  # effective outcomes a cut needs before its bound is trusted
@@ -168,11 +174,43 @@ class Scope:
 class Pending:
     """A verification under way: the cached entry the fresh answer will be judged against."""
 
-    scope: Scope
+    namespace: str
+    model: str
     key: str
     score: float
     served: bool  # a would-be hit (else a near-miss)
     weight: float  # 1 / the chance it was sampled
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One judged verification, as the workers tell each other (`to_data` / `of_data`)."""
+
+    namespace: str
+    model: str
+    score: float
+    correct: bool
+    weight: float
+    served: bool
+
+    def to_data(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of_data(cls, data: dict[str, Any]) -> Outcome | None:
+        """The outcome in `data`, or None when it is not one (written by another version)."""
+        try:
+            outcome = cls(
+                str(data["namespace"]),
+                str(data["model"]),
+                float(data["score"]),
+                bool(data["correct"]),
+                float(data["weight"]),
+                bool(data["served"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return outcome if math.isfinite(outcome.score) and math.isfinite(outcome.weight) else None
 
 
 class Calibration:
@@ -199,6 +237,19 @@ class Calibration:
                 self.scopes.pop(next(iter(self.scopes)))
             found = self.scopes[key] = Scope(self.delta, self.max_share)
         return found
+
+    def record(self, pending: Pending, correct: bool) -> Outcome:
+        """The judgement of a verification made here: into its scope, and returned for the others."""
+        outcome = Outcome(
+            pending.namespace, pending.model, pending.score, correct, pending.weight, pending.served
+        )
+        self.add([outcome])
+        return outcome
+
+    def add(self, outcomes: Iterable[Outcome]) -> None:
+        """Outcomes into their scopes (another worker's: what record() returned there)."""
+        for o in outcomes:
+            self.scope(o.namespace, o.model).record(o.score, o.correct, o.weight, o.served)
 
     def draw(self, share: float) -> bool:
         return self.random.random() < share

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ import orjson
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
-from iros.cache.calibration import Calibration, Pending, Scope
+from iros.cache.calibration import Calibration, Outcome, Pending, Scope
 from iros.cache.judge import Ask, answer_text, judge
 from iros.cache.plan import SHARED, Plan
 from iros.config import CacheSettings
@@ -112,6 +112,9 @@ class ResponseCache:
         verification = settings.verification
         self.calibration = Calibration(settings.max_false_hit_rate, verification.max_share)
         self.ask: Ask | None = None  # the judge model (judge: model), set once the gateway is built
+        # Each outcome judged here, to the other workers (app.py: shared_calibration.py), so they all
+        # calibrate on every worker's outcomes.
+        self.share_outcome: Callable[[Outcome], Awaitable[object]] | None = None
         self.verification_tokens = 0  # tokens spent on verification calls (would-be hits re-asked)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -384,7 +387,7 @@ class ResponseCache:
             return False
         if share <= 0 or not self.calibration.draw(share):
             return False
-        plan.verify = Pending(scope, key, score, served, 1.0 / share)
+        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share)
         self.counts["verification_call" if served else "near_miss_checked"] += 1
         return True
 
@@ -402,8 +405,10 @@ class ResponseCache:
             self.counts["verification_lost"] += 1
             log.debug("verification not judged: %s", exc)
             return
-        pending.scope.record(pending.score, same, pending.weight, pending.served)
+        outcome = self.calibration.record(pending, same)
         self.counts["verified_right" if same else "verified_wrong"] += 1
+        if self.share_outcome is not None:
+            await self.share_outcome(outcome)
 
     def verification_report(self) -> dict[str, Any]:
         """Verification and calibration at a glance: the pooled estimate with its interval, the calls

@@ -47,8 +47,10 @@ class StateBackend(Protocol):
         `since` means the backend lost its data (a Redis restart): the caller restores what it holds."""
         ...
 
-    async def append(self, channel: str, body: bytes) -> str:
-        """Add an entry to a bounded log; returns its position."""
+    async def append(self, channel: str, body: bytes, *, maxlen: int | None = None) -> str:
+        """Add an entry to a bounded log; returns its position. `maxlen`: keep about that many of the
+        channel's latest entries however old they are (a log a starting worker replays), rather than
+        the backend's own bound."""
         ...
 
     async def append_fenced(self, channel: str, body: bytes, lease: str, token: int) -> bool:

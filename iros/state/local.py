@@ -1,10 +1,12 @@
 """Shared state for the workers of one host, through the data directory.
 
 state = LocalState(Path("iros-data"))
-Documents and logs live in data_dir/state.db (SQLite, WAL: readers never wait for the writer); a lease
-is an flock on data_dir/<name>.lock, which the kernel drops when its holder dies, so a lease held by a
-live process never expires; a token bucket is a 16-byte file under data_dir/buckets/, updated under an
-flock (a few microseconds, no thread hop on the request path).
+Documents and logs live in data_dir/state.db (SQLite, WAL: readers never wait for the writer); a log
+keeps LOG_KEEP_SECONDS of entries, or, appended with maxlen (noted in `kept`, so every process's prune
+honours it), its latest maxlen entries however old; a lease is an flock on data_dir/<name>.lock, which
+the kernel drops when its holder dies, so a lease held by a live process never expires; a token bucket
+is a 16-byte file under data_dir/buckets/, updated under an flock (a few microseconds, no thread hop on
+the request path).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CREATE TABLE IF NOT EXISTS docs (name TEXT PRIMARY KEY, version INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,
     at REAL NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS log_channel ON log (channel, id);
+CREATE TABLE IF NOT EXISTS kept (channel TEXT PRIMARY KEY, entries INTEGER NOT NULL);
 """
 
 
@@ -52,6 +55,7 @@ class LocalState:
         self._leases: dict[str, tuple[int, int]] = {}  # name -> (fd, token)
         self._buckets: dict[str, int] = {}  # key -> fd
         self._appends = 0
+        self._kept: dict[str, int] = {}  # channels this process noted in `kept`, with their maxlen
         # A thread of its own: the default executor can be busy for seconds with others' blocking jobs.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="iros-state")
 
@@ -125,18 +129,33 @@ class LocalState:
         return result
 
     # --- logs ---------------------------------------------------------------------------------
-    async def append(self, channel: str, body: bytes) -> str:
+    async def append(self, channel: str, body: bytes, *, maxlen: int | None = None) -> str:
         self._appends += 1
         prune = self._appends % PRUNE_EVERY == 1
+        note = maxlen is not None and self._kept.get(channel) != maxlen
 
         def write(db: sqlite3.Connection) -> str:
             now = time.time()
+            if note:
+                db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?)", (channel, maxlen))
             cur = db.execute("INSERT INTO log (channel, at, body) VALUES (?, ?, ?)", (channel, now, body))
             if prune:
-                db.execute("DELETE FROM log WHERE at < ?", (now - LOG_KEEP_SECONDS,))
+                db.execute(
+                    "DELETE FROM log WHERE at < ? AND channel NOT IN (SELECT channel FROM kept)",
+                    (now - LOG_KEEP_SECONDS,),
+                )
+                for kept, entries in db.execute("SELECT channel, entries FROM kept").fetchall():
+                    db.execute(
+                        "DELETE FROM log WHERE channel = ? AND id <= (SELECT id FROM log WHERE channel = ? "
+                        "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                        (kept, kept, entries),
+                    )
             return str(cur.lastrowid)
 
-        return str(await self._run(write))
+        position = str(await self._run(write))
+        if maxlen is not None:
+            self._kept[channel] = maxlen  # noted once written: a failed write notes it again next time
+        return position
 
     async def append_fenced(self, channel: str, body: bytes, lease: str, token: int) -> bool:
         # The flock is held until this process dies: holding it is the fence.

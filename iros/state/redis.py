@@ -5,7 +5,7 @@ state = RedisState("redis://127.0.0.1:6379/0", prefix="iros:state")
 Keys (under the prefix):
   version            the document counter: INCR on every put
   docs, dv           hashes: name -> JSON body, name -> the version it was put at
-  log:<channel>      a stream per log, trimmed to about LOG_MAXLEN entries
+  log:<channel>      a stream per log, trimmed to about LOG_MAXLEN entries (or the append's maxlen)
   lease:<name>       "<holder>|<token>" with an expiry (PX); fence:<name> counts the tokens given out
   bucket:<key>       a hash {t: tokens, u: updated}, the server's clock (TIME), so hosts need not agree
 
@@ -165,10 +165,10 @@ class RedisState:
     def _log(self, channel: str) -> str:
         return f"{self.prefix}:log:{channel}"
 
-    async def append(self, channel: str, body: bytes) -> str:
+    async def append(self, channel: str, body: bytes, *, maxlen: int | None = None) -> str:
         with self._redis("append"):
             entry = await self._client.xadd(
-                self._log(channel), {"b": body}, maxlen=LOG_MAXLEN, approximate=True
+                self._log(channel), {"b": body}, maxlen=maxlen or LOG_MAXLEN, approximate=True
             )
             return _text(entry)
 

@@ -34,7 +34,7 @@ log = logging.getLogger("iros.state")
 
 POLL_SECONDS = 0.2
 DELAYS_KEPT = 512
-UNSENT_KEPT = 1000  # log entries kept while the backend is down (acknowledgements, silences)
+UNSENT_KEPT = 1000  # log entries kept while the backend is down (acknowledgements, silences, outcomes)
 
 Snapshot = Callable[[], dict[str, Any]]
 Apply = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -88,7 +88,7 @@ class SharedState:
         self._logs: dict[str, _Log] = {}
         self._known: set[str] = set()  # documents that exist (published or applied): restored after a loss
         self._dirty: set[str] = set()
-        self._unsent: deque[tuple[str, bytes]] = deque(maxlen=UNSENT_KEPT)
+        self._unsent: deque[tuple[str, bytes, int | None]] = deque(maxlen=UNSENT_KEPT)
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[bool], Any]] = []
 
@@ -120,15 +120,18 @@ class SharedState:
         self._dirty.discard(name)
         return True
 
-    async def append(self, channel: str, entry: dict[str, Any], *, keep: bool = True) -> bool:
+    async def append(
+        self, channel: str, entry: dict[str, Any], *, keep: bool = True, maxlen: int | None = None
+    ) -> bool:
         """Add `entry` to the log `channel` for the other workers; False when the backend is down, and
-        then (`keep`) it goes out when the backend answers again."""
+        then (`keep`) it goes out when the backend answers again. `maxlen`: the log keeps its latest
+        entries by count, not age (see StateBackend.append)."""
         body = orjson.dumps({"by": self.worker, **entry})
         try:
-            await self.backend.append(channel, body)
+            await self.backend.append(channel, body, maxlen=maxlen)
         except StateUnavailable as exc:
             if keep:
-                self._unsent.append((channel, body))
+                self._unsent.append((channel, body, maxlen))
             self._down(exc)
             return False
         return True
@@ -182,8 +185,8 @@ class SharedState:
             await self.backend.put(name, self._envelope(name))
             self._dirty.discard(name)
         while self._unsent:
-            channel, body = self._unsent[0]
-            await self.backend.append(channel, body)
+            channel, body, maxlen = self._unsent[0]
+            await self.backend.append(channel, body, maxlen=maxlen)
             self._unsent.popleft()
         version, docs = await self.backend.changed(self.version)
         if version < self.version:

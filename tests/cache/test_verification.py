@@ -1,8 +1,12 @@
 """Verification on live traffic, end to end: a real `iros serve` whose semantic hits are re-asked of an
-upstream that answers by meaning, judged, counted, calibrated and shown; and the operator's δ."""
+upstream that answers by meaning, judged, counted, calibrated and shown; the operator's δ; and one
+calibration for several Iros on one shared state (a data directory, or a redis-server)."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from iros.testing.iros import IrosProcess, free_port, wait_until
+from iros.testing.redis import RedisServer
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, completion, serve_in_thread
 
 pytestmark = pytest.mark.e2e
@@ -174,3 +179,45 @@ def test_a_near_miss_is_judged_without_an_extra_call(meaning: MeaningUpstream, t
         report = wait_until(judged, "the near-miss judgement", timeout=30)
         assert report["near_misses_checked"] == 1 and report["verification_calls"] == 0
         assert report["prior_cut"] == 0.95
+
+
+def scope_report(proc: IrosProcess) -> dict[str, Any] | None:
+    """The one scope's calibration as this Iros reports it, once it has one."""
+    report = httpx.get(f"{proc.url}/api/analysis/cache/efficiency", headers=ADMIN).json()
+    scopes: list[dict[str, Any]] = report["verification"]["scopes"]
+    return scopes[0] if scopes else None
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_an_outcome_judged_on_one_iros_calibrates_every_iros_on_the_state(
+    backend: str, meaning: MeaningUpstream, tmp_path: Path
+) -> None:
+    """Two Iros on one shared state: the outcome judged on the first counts once on the second, with the
+    same cut and interval, and never twice on the first; an Iros started afterwards (a restart, a new
+    replica) begins from it."""
+    with contextlib.ExitStack() as stack:
+        if backend == "redis":
+            redis = stack.enter_context(RedisServer())
+            state = {"backend": "redis", "url": redis.url, "prefix": f"iros:test:{secrets.token_hex(4)}"}
+            dirs = [tmp_path / name for name in ("one", "two", "late")]
+        else:
+            state = {"backend": "local"}  # one host's workers: the same data directory
+            dirs = [tmp_path] * 3
+
+        def serve(data_dir: Path) -> IrosProcess:
+            cfg = {**config(meaning, data_dir, delta=0.3, max_share=1.0), "state": state}
+            proc = stack.enter_context(IrosProcess.serve(cfg, env={"TEST_ADMIN_KEY": ADMIN_KEY}))
+            wait_until(lambda: semantic_ready(proc), "the semantic cache", timeout=180)
+            return proc
+
+        one, two = serve(dirs[0]), serve(dirs[1])
+        assert scope_report(two) is None
+        assert ask(one, GREEN_TEA).headers["x-iros-cache"] == "miss"
+        ask(one, "What are some health benefits of drinking green tea?")  # verified, judged on `one`
+        judged = wait_until(lambda: scope_report(one), "the judgement", timeout=30)
+        assert judged["verified"] == 1 and judged["verified_hits"] == 1
+        assert wait_until(lambda: scope_report(two), "the outcome on the other Iros", timeout=30) == judged
+        time.sleep(1.0)  # five polls of the shared state: nothing counts twice
+        assert scope_report(one) == scope_report(two) == judged
+        late = serve(dirs[2])
+        assert wait_until(lambda: scope_report(late), "the replayed outcome", timeout=30) == judged

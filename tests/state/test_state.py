@@ -15,6 +15,7 @@ import pytest
 from iros.core.errors import IrosError
 from iros.gateway.auth import Principal, Role
 from iros.gateway.ratelimit import RateLimiter
+from iros.state import local
 from iros.state.base import StateBackend, StateUnavailable
 from iros.state.lease import Leadership
 from iros.state.local import LocalState
@@ -70,6 +71,27 @@ async def test_a_log_is_read_in_order_from_a_position(pair: list[StateBackend]) 
     position, entries = await two.read("events", position)
     assert entries == [b"b", b"c"]
     assert (await two.read("events", position))[1] == []
+
+
+async def test_a_log_appended_with_maxlen_keeps_its_latest_entries_however_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the data directory a log kept by count outlives the age window (any process's prune honours
+    it) and keeps its latest entries, give or take one prune's worth; other logs still age out."""
+    monkeypatch.setattr(local, "LOG_KEEP_SECONDS", -1.0)  # every entry is already too old
+    one, two = LocalState(tmp_path), LocalState(tmp_path)
+    await one.append("outcomes", b"0", maxlen=10)
+    for i in range(1, 2 * local.PRUNE_EVERY + 2):
+        await two.append("events", b"e")  # the pruning process never appended to "outcomes" itself
+        await one.append("outcomes", b"%d" % i, maxlen=10)
+    assert (await one.read("events", None))[1] == []
+    kept = (await two.read("outcomes", None))[1]
+    assert 10 <= len(kept) <= 10 + local.PRUNE_EVERY
+    assert kept == [
+        b"%d" % i for i in range(2 * local.PRUNE_EVERY + 2 - len(kept), 2 * local.PRUNE_EVERY + 2)
+    ]
+    await one.close()
+    await two.close()
 
 
 async def test_one_worker_holds_the_lease_and_a_lost_one_fences_its_writes(pair: list[StateBackend]) -> None:
@@ -206,9 +228,9 @@ class Flaky(LocalState):
         self._check()
         return await super().changed(since)
 
-    async def append(self, channel: str, body: bytes) -> str:
+    async def append(self, channel: str, body: bytes, *, maxlen: int | None = None) -> str:
         self._check()
-        return await super().append(channel, body)
+        return await super().append(channel, body, maxlen=maxlen)
 
 
 async def test_changes_made_while_the_state_is_down_go_out_when_it_returns(tmp_path: Path) -> None:
