@@ -14,6 +14,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+def stopping() -> bool:
+    """Whether the running task is being cancelled. A client library (redis-py) may swallow the
+    CancelledError that arrives mid-call, or turn it into an error of its own; a loop that goes on after
+    a job must then stop anyway, or whoever cancelled it waits forever."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def every(seconds: float, job: Callable[[], Any], log: logging.Logger, what: str) -> None:
     """Call `job` (sync or async) every `seconds`, forever; a failing run is logged, not fatal."""
     while True:
@@ -24,6 +32,8 @@ async def every(seconds: float, job: Callable[[], Any], log: logging.Logger, wha
                 await result
         except Exception:
             log.exception("%s job %s failed", what, getattr(job, "__name__", job))
+        if stopping():
+            raise asyncio.CancelledError  # cancelled mid-job, and the job's client swallowed it
 
 
 async def cancel_all(tasks: Iterable[asyncio.Task[Any] | None]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from iros.config import Settings
-from iros.core.periodic import cancel_all
+from iros.core.periodic import cancel_all, stopping
 from iros.state.base import StateBackend, StateUnavailable
 
 log = logging.getLogger("iros.state")
@@ -169,6 +169,8 @@ class SharedState:
                 self._down(exc)
             except Exception:
                 log.exception("shared state: applying a change failed")
+            if stopping():
+                raise asyncio.CancelledError  # close() cancelled us mid-call and the client swallowed it
 
     def _down(self, exc: Exception) -> None:
         self.last_error = str(exc)
