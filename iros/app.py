@@ -283,7 +283,7 @@ def create_app(settings: Settings) -> IrosApp:
         if monitor is not None:
             cache.on_skip = monitor.exposition.cache_skipped.inc
         # One calibration for every worker: each judges outcomes on its own traffic, all cut on them all.
-        cache.share_outcome = SharedCalibration(cache.calibration, shared).publish
+        cache.verification.share_outcome = SharedCalibration(cache.calibration, shared).publish
     # The live settings the tuning API and the optimizer change; selection reads its preferences there.
     tuning = Tuning(settings, admission, cache)
     for name in KNOBS:
@@ -386,7 +386,7 @@ def _wire_verification(
         async def ask(prompt: str) -> str:
             return await gateway.ask(judge, prompt)
 
-        cache.ask = ask
+        cache.verification.ask = ask
     if monitor is None:
         return
     from iros.cache.exposition import VerificationCollector

@@ -20,10 +20,10 @@ query's token embeddings come from the same forward pass as its vector; each ent
 float16) are kept in memory from when it was stored, or computed once when an entry came from the
 store or a replica.
 
-Verification: a sampled share of would-be hits goes upstream instead (the client gets the fresh
-answer, as on a miss), and a sampled share of near-misses (upstream anyway) too; once the answer is
-in, the judge (judge.py) compares it with the cached one in the background and the outcome calibrates
-the cut.
+Verification (verification.py): a sampled share of would-be hits goes upstream instead (the client
+gets the fresh answer, as on a miss), and a sampled share of near-misses (upstream anyway) too; once
+the answer is in, the judge (judge.py) compares it with the cached one in the background and the
+outcome calibrates the cut.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +45,9 @@ import orjson
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
-from iros.cache.calibration import Calibration, Outcome, Pending, Scope
-from iros.cache.judge import Ask, answer_text, judge
+from iros.cache.calibration import Pending
 from iros.cache.plan import SHARED, Plan
+from iros.cache.verification import Verification
 from iros.config import CacheSettings
 from iros.core.schema import ParsedRequest
 
@@ -109,13 +109,8 @@ class ResponseCache:
         self.saved_tokens = 0
         self.saved_ms = 0.0
         self.hits_by_hour: Counter[tuple[int, str]] = Counter()  # (unix hour, kind)
-        verification = settings.verification
-        self.calibration = Calibration(settings.max_false_hit_rate, verification.max_share)
-        self.ask: Ask | None = None  # the judge model (judge: model), set once the gateway is built
-        # Each outcome judged here, to the other workers (app.py: shared_calibration.py), so they all
-        # calibrate on every worker's outcomes.
-        self.share_outcome: Callable[[Outcome], Awaitable[object]] | None = None
-        self.verification_tokens = 0  # tokens spent on verification calls (would-be hits re-asked)
+        self.verification = Verification(settings)
+        self.calibration = self.verification.calibration
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -361,90 +356,25 @@ class ResponseCache:
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
                 if scope.near(score, prior):
-                    self._sample(plan, scope, key, score, prior, served=False)
+                    self.verification.sample(plan, scope, key, score, prior, served=False)
                 return None
-            self.counts["would_be_hit"] += 1
-            if self._sample(plan, scope, key, score, prior, served=True):
+            self.verification.would_be_hit()
+            if self.verification.sample(plan, scope, key, score, prior, served=True):
                 return None  # asked upstream: the fresh answer is served and judged
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
         return Hit(entry, "semantic_hit", similarity)
 
-    # --- verification -------------------------------------------------------------------------
-    def _sample(self, plan: Plan, scope: Scope, key: str, score: float, prior: float, served: bool) -> bool:
-        """Whether this lookup is verified: drawn at the scope's share; a would-be hit only while the
-        verification calls stay within max_share of the would-be hits."""
-        settings = self.settings.verification
-        if not settings.enabled:
-            return False
-        share = scope.share(prior)
-        if not served and settings.judge != "model" and share >= settings.max_share:
-            # A near-miss goes upstream anyway: judging it costs no call (only a model judge would),
-            # so while the scope is uncertain every one is judged.
-            share = 1.0
-        if served and self.counts["verification_call"] + 1 > settings.max_share * self.counts["would_be_hit"]:
-            return False
-        if share <= 0 or not self.calibration.draw(share):
-            return False
-        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share)
-        self.counts["verification_call" if served else "near_miss_checked"] += 1
-        return True
-
+    # --- verification (verification.py) ------------------------------------------------------
     async def _verify(self, pending: Pending, completion: dict[str, Any]) -> None:
-        """Judge a fresh answer against the cached one and record the outcome in its scope."""
         entry = await self.store.get(pending.key)
-        fresh = answer_text(completion)
-        cached = answer_text(orjson.loads(entry.body)) if entry is not None else None
-        if fresh is None or cached is None:
-            self.counts["verification_lost"] += 1  # the entry went meanwhile, or no text to compare
-            return
-        try:
-            same = await judge(self.settings.verification.judge, fresh, cached, self.embedder, self.ask)
-        except Exception as exc:  # the embedder behind, the judge model failing: no outcome, no harm
-            self.counts["verification_lost"] += 1
-            log.debug("verification not judged: %s", exc)
-            return
-        outcome = self.calibration.record(pending, same)
-        self.counts["verified_right" if same else "verified_wrong"] += 1
-        if self.share_outcome is not None:
-            await self.share_outcome(outcome)
+        cached = orjson.loads(entry.body) if entry is not None else None
+        await self.verification.judge(pending, completion, cached, self.embedder)
 
     def verification_report(self) -> dict[str, Any]:
-        """Verification and calibration at a glance: the pooled estimate with its interval, the calls
-        and their tokens, and each namespace and model's cut."""
         verifier = self.verifier if self.settings.verifier else None
-        prior = verifier.cut_for(self.calibration.delta) if verifier is not None else None
-        scopes = []
-        if prior is not None:
-            for (namespace, model), scope in self.calibration.scopes.items():
-                scopes.append({"namespace": namespace, "model": model, **scope.report(prior)})
-        # Without a verifier (semantic matching off) nothing is served by meaning, so nothing is verified.
-        none = {
-            "false_hit_rate": None,
-            "interval": None,
-            "verified": 0,
-            "trusted": False,
-            "above_bound": False,
-        }
-        pooled = self.calibration.pooled(prior) if prior is not None else none
-        settings = self.settings.verification
-        return {
-            "enabled": settings.enabled,
-            "judge": settings.judge,
-            "max_share": settings.max_share,
-            "max_false_hit_rate": self.calibration.delta,
-            "prior_cut": round(prior, 4) if prior is not None else None,
-            **pooled,
-            "would_be_hits": self.counts["would_be_hit"],
-            "verification_calls": self.counts["verification_call"],
-            "verification_tokens": self.verification_tokens,
-            "near_misses_checked": self.counts["near_miss_checked"],
-            "judged_right": self.counts["verified_right"],
-            "judged_wrong": self.counts["verified_wrong"],
-            "lost": self.counts["verification_lost"],
-            "scopes": scopes,
-        }
+        return self.verification.report(verifier.cut_for(self.calibration.delta) if verifier else None)
 
     def set_max_false_hit_rate(self, delta: float) -> None:
         self.settings.max_false_hit_rate = delta
@@ -500,10 +430,7 @@ class ResponseCache:
         pending = plan.verify
         if pending is not None:
             plan.verify = None
-            if pending.served:
-                usage = completion.get("usage")
-                if isinstance(usage, dict):
-                    self.verification_tokens += int(usage.get("total_tokens") or 0)
+            self.verification.spent(pending, completion)
             if self.acceptable(completion) and len(self._saves) < MAX_PENDING_SAVES:
                 self._background(self._verify(pending, completion))
         if not plan.write or not self.acceptable(completion):

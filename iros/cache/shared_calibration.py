@@ -3,7 +3,7 @@ shared "calibration" log, and every worker adds every other worker's, so all hol
 compute the same cut and the same false-hit interval, whichever worker answers.
 
 sharing = SharedCalibration(cache.calibration, shared)   # follows the log; app.py builds it
-cache.share_outcome = sharing.publish                    # each outcome judged here, once recorded here
+cache.verification.share_outcome = sharing.publish       # each outcome judged here, once recorded here
 
 An outcome judged here is in this worker's calibration already (Calibration.record): the log gives it
 back to the others only (SharedState skips a worker's own entries), and each entry is read once, so every
