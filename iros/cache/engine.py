@@ -45,7 +45,7 @@ import orjson
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
-from iros.cache.calibration import Pending
+from iros.cache.calibration import Calibration, Pending
 from iros.cache.plan import SHARED, Plan
 from iros.cache.verification import Verification
 from iros.config import CacheSettings
@@ -110,7 +110,10 @@ class ResponseCache:
         self.saved_ms = 0.0
         self.hits_by_hour: Counter[tuple[int, str]] = Counter()  # (unix hour, kind)
         self.verification = Verification(settings)
-        self.calibration = self.verification.calibration
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.verification.calibration
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:

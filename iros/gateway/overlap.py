@@ -36,31 +36,19 @@ class Gate:
     priced deployment), it waits for the lookup and raises Cached on a hit; otherwise it lets the call
     go at once. `sent`: a call went out while the lookup still ran."""
 
-    __slots__ = ("_keep", "lookup", "mode", "sent", "spans")
+    __slots__ = ("lookup", "mode", "sent", "spans")
 
-    def __init__(
-        self,
-        lookup: asyncio.Task[Hit | None] | None,
-        mode: str,
-        spans: Spans,
-        keep: Callable[[], bool] | None = None,
-    ) -> None:
-        self.lookup, self.mode, self.spans, self._keep = lookup, mode, spans, keep
+    def __init__(self, lookup: asyncio.Task[Hit | None] | None, mode: str, spans: Spans) -> None:
+        self.lookup, self.mode, self.spans = lookup, mode, spans
         self.sent = False
 
     @classmethod
-    def of(
-        cls, cache: ResponseCache | None, plan: Plan | None, spans: Spans, keep: Callable[[], bool] | None
-    ) -> Gate:
-        """The gate for this request's call: open when no semantic lookup runs beside it. `keep`: whether
-        a call a hit overtook must go on anyway (single-flight followers wait on it)."""
+    def of(cls, cache: ResponseCache | None, plan: Plan | None, spans: Spans) -> Gate:
+        """The gate for this request's call: open when no semantic lookup runs beside it."""
         lookup = plan.lookup if plan is not None else None
         if lookup is None or cache is None:
             return cls(None, "off", spans)
-        return cls(lookup, cache.settings.overlap, spans, keep)
-
-    def keep(self) -> bool:
-        return self._keep is not None and self._keep()
+        return cls(lookup, cache.settings.overlap, spans)
 
     async def __call__(self, deployment: Deployment) -> None:
         lookup = self.lookup
@@ -74,10 +62,17 @@ class Gate:
         self.sent = lookup is not None and not lookup.done()
 
 
-async def race(cache: ResponseCache, plan: Plan, gate: Gate, call: Awaitable[T]) -> T | Hit:
+async def race(
+    cache: ResponseCache,
+    plan: Plan,
+    gate: Gate,
+    call: Awaitable[T],
+    keep: Callable[[], bool] | None = None,
+) -> T | Hit:
     """Run `call` beside plan.lookup. A hit that decides first: the call is cut short (gated, it was
     never sent) and the Hit returned for the caller to replay. An answer first: returned. A call that
-    fails first waits for the lookup, which may still answer the client."""
+    fails first waits for the lookup, which may still answer the client. `keep`: whether a call a hit
+    overtook must go on anyway (single-flight followers wait on it)."""
     lookup: asyncio.Task[Hit | None] = plan.lookup
     task = asyncio.ensure_future(call)
     try:
@@ -97,7 +92,7 @@ async def race(cache: ResponseCache, plan: Plan, gate: Gate, call: Awaitable[T])
     if not task.done():
         if gate.sent:
             cache.counts["speculative_cancelled"] += 1
-        if gate.keep():
+        if keep is not None and keep():
             task.add_done_callback(_retrieve)  # it goes on for the identical requests waiting on it
         else:
             task.cancel()

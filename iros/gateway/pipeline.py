@@ -278,28 +278,19 @@ class Gateway:
         request: ParsedRequest,
         record: RequestRecord,
         send: Send,
+        keep: Callable[[], bool] | None = None,
     ) -> T | None:
         """The call, beside the semantic lookup when one runs (overlap.race); None when a hit came
         first and was replayed."""
         if plan is None or plan.lookup is None or self.cache is None:
             return await call
-        won = await overlap.race(self.cache, plan, gate, call)
+        won = await overlap.race(self.cache, plan, gate, call, keep)
         if not isinstance(won, Hit):
             return won
         record.cache, record.attempts = won.kind, 0
         record.spans.lap("cache")
         await self._replay(won, request, record, send)
         return None
-
-    def _gate(self, plan: Plan | None, spans: Spans, flight_key: str | None = None) -> Gate:
-        keep = None
-        if flight_key is not None and self.flight is not None:
-            flight, key = self.flight, flight_key
-
-            def keep() -> bool:
-                return flight.followers(key) > 0  # identical requests wait on this call
-
-        return Gate.of(self.cache, plan, spans, keep)
 
     async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
         completion = orjson.loads(hit.entry.body)
@@ -398,10 +389,7 @@ class Gateway:
         plan: Plan | None = None,
     ) -> None:
         spans = record.spans
-        key = None
-        if self.flight is not None:
-            key = request_key(f"{record.principal}\0{request.operation}", request.data)
-        gate = self._gate(plan, spans, key)
+        gate = Gate.of(self.cache, plan, spans)
 
         async def complete(deployment: Deployment) -> Completion:
             await gate(deployment)
@@ -410,13 +398,19 @@ class Gateway:
         async def upstream() -> tuple[Deployment, Completion]:
             return await self._call(candidates, record, complete)
 
-        if self.flight is None or key is None:
+        if self.flight is None:
             answered = await self._race(plan, gate, upstream(), request, record, send)
             if answered is None:
                 return  # the cache's answer was served
             deployment, completion = answered
         else:
-            flown = await self._race(plan, gate, self.flight.do(key, upstream), request, record, send)
+            flight = self.flight
+            key = request_key(f"{record.principal}\0{request.operation}", request.data)
+
+            def keep() -> bool:
+                return flight.followers(key) > 0  # identical requests wait on this call
+
+            flown = await self._race(plan, gate, flight.do(key, upstream), request, record, send, keep)
             if flown is None:
                 return
             (deployment, completion), shared = flown
@@ -457,7 +451,7 @@ class Gateway:
         plan: Plan | None = None,
     ) -> None:
         spans = record.spans
-        gate = self._gate(plan, spans)
+        gate = Gate.of(self.cache, plan, spans)
 
         # Headers wait for the first chunk, so a deployment that fails before answering can be swapped
         # for another without the client ever seeing it.
