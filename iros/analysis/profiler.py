@@ -33,6 +33,7 @@ TOP_FRAMES = 15
 # Seconds between pyinstrument samples: finer shows more of a short request but costs CPU of its own,
 # which lands in the stage times of the profiled request.
 SAMPLE_INTERVAL = 0.0002
+_GATEWAY_CALL = Gateway.__call__.__code__  # the request's own call: the root of its Iros frames
 
 
 class RequestProfiler:
@@ -218,7 +219,7 @@ def _profile(profiler: Profiler, cpu_ms: float) -> dict[str, Any]:
     iros_total: dict[tuple[str, str, int], float] = {}
     awaited = [0.0]
     if root is not None:
-        _walk(root, self_time, iros_total, awaited, set())
+        _walk(root, self_time, iros_total, awaited, set(), False)
     own = self_time
 
     def frames(table: dict[tuple[str, str, int], float], key: str) -> list[dict[str, Any]]:
@@ -234,7 +235,10 @@ def _profile(profiler: Profiler, cpu_ms: float) -> dict[str, Any]:
         "loop_cpu_ms": round(cpu_ms, 3),
         # Sampled while the request's task waited (the model server, the queue, I/O): not CPU.
         "awaiting_ms": round(awaited[0] * 1000, 3),
+        # Self time of every frame sampled, the loop's other tasks (metrics ingest, ...) included.
         "top_frames": frames(own, "self_ms"),
+        # Iros's frames inside the request's own call (the gateway and what it called), by total time:
+        # the other tasks sampled meanwhile are the loop's work, not this request's.
         "iros_frames": frames(iros_total, "total_ms"),
     }
 
@@ -245,9 +249,13 @@ def _walk(
     iros_total: dict[tuple[str, str, int], float],
     awaited: list[float],
     stack: set[tuple[str, str, int]],
+    inside: bool,
 ) -> None:
     # pyinstrument's synthetic leaves: [self] is the parent's own time, [await] time spent waiting.
     key = (frame.function or "?", frame.file_path_short or "", frame.line_no or 0)
+    inside = inside or (
+        frame.function == _GATEWAY_CALL.co_name and frame.file_path == _GATEWAY_CALL.co_filename
+    )
     own = frame.time
     for child in frame.children:
         if child.function != "[self]":
@@ -260,11 +268,11 @@ def _walk(
     else:
         self_time[key] = self_time.get(key, 0.0) + max(own, 0.0)
     counted = key in stack  # recursion: a function's time counts once per branch
-    if "/iros/" in (frame.file_path or "") and not counted:
+    if inside and "/iros/" in (frame.file_path or "") and not counted:
         iros_total[key] = iros_total.get(key, 0.0) + frame.time
     stack.add(key)
     for child in frame.children:
         if not child.is_synthetic:
-            _walk(child, self_time, iros_total, awaited, stack)
+            _walk(child, self_time, iros_total, awaited, stack, inside)
     if not counted:
         stack.discard(key)
