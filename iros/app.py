@@ -40,7 +40,8 @@ from iros.api.optimization import CacheTuningAPI, OptimizationAPI
 from iros.api.state import StateAPI
 from iros.api.system import SystemAPI
 from iros.backends.simulation import PROFILES
-from iros.cache.engine import ResponseCache, build_cache
+from iros.cache.build import build_cache
+from iros.cache.engine import ResponseCache
 from iros.cache.shared_calibration import SharedCalibration
 from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings

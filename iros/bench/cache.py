@@ -32,8 +32,9 @@ from iros.bench.pairs import (
     request_body,
 )
 from iros.cache.base import Embedder, EmbedderBusy
+from iros.cache.build import build_cache
 from iros.cache.embedder import default_threads
-from iros.cache.engine import ResponseCache, build_cache
+from iros.cache.engine import ResponseCache
 from iros.cache.plan import Plan
 from iros.config import load_settings
 from iros.core.schema import parse_request

@@ -36,7 +36,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
 from iros.cache.calibration import Calibration, Pending
 from iros.cache.plan import SHARED, Plan
+from iros.cache.token_memory import TokenMemory
 from iros.cache.verification import Verification
 from iros.config import CacheSettings
 from iros.core.schema import ParsedRequest
@@ -58,9 +58,6 @@ if TYPE_CHECKING:  # both load lazily: usearch, and the verifier's parameters, o
 log = logging.getLogger("iros.cache")
 
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
-# Token embeddings kept for the verifier (about 10 kB an entry: 14 tokens of 384 float16): the most
-# recently used entries' up to this many bytes; older ones are embedded again when next a candidate.
-MAX_TOKEN_BYTES = 128 * 2**20
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
 LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
@@ -91,9 +88,7 @@ class ResponseCache:
         self.semantic_ready = False
         self._contexts: dict[str, str] = {}  # entry key -> its context, to filter index candidates
         self._prompts: dict[str, str] = {}  # entry key -> its prompt, for the verifier
-        # entry key -> its prompt's token embeddings as the verifier keeps them (LRU, MAX_TOKEN_BYTES).
-        self._tokens: OrderedDict[str, np.ndarray[Any, Any]] = OrderedDict()
-        self._token_bytes = 0
+        self._tokens = TokenMemory()  # entry key -> its prompt's token embeddings, for the verifier
         self._saves: set[asyncio.Task[None]] = set()
         self._loader: asyncio.Task[None] | None = None
         self.misses: Counter[tuple[str, str]] = Counter()  # (model, prompt) of recent misses, for warming
@@ -188,7 +183,7 @@ class ResponseCache:
     def removed(self, key: str) -> None:
         self._contexts.pop(key, None)
         self._prompts.pop(key, None)
-        self._drop_tokens(key)
+        self._tokens.drop(key)
         if self.index is not None:
             self.index.remove(key)
 
@@ -278,21 +273,6 @@ class ResponseCache:
             return encoded.vectors, None
         return encoded.vectors, [verifier.project(t) for t in encoded.tokens]
 
-    def _keep_tokens(self, key: str, tokens: np.ndarray[Any, Any] | None) -> None:
-        if tokens is None:
-            return
-        self._drop_tokens(key)
-        self._tokens[key] = tokens
-        self._token_bytes += tokens.nbytes
-        while self._token_bytes > MAX_TOKEN_BYTES and len(self._tokens) > 1:
-            _, old = self._tokens.popitem(last=False)
-            self._token_bytes -= old.nbytes
-
-    def _drop_tokens(self, key: str) -> None:
-        old = self._tokens.pop(key, None)
-        if old is not None:
-            self._token_bytes -= old.nbytes
-
     async def _candidate_tokens(self, keys: list[str]) -> list[Any] | None:
         """The kept token projections of these entries; those missing (entries that came from the store
         or another replica) are embedded once, together, and kept."""
@@ -304,10 +284,8 @@ class ResponseCache:
                 return None
             for i, tokens in zip(missing, computed, strict=True):
                 found[i] = tokens
-                self._keep_tokens(keys[i], tokens)
-        for key in keys:
-            if key in self._tokens:
-                self._tokens.move_to_end(key)
+                self._tokens.keep(keys[i], tokens)
+        self._tokens.touch(keys)
         return found
 
     async def _semantic(self, plan: Plan, now: float) -> Hit | None:
@@ -490,7 +468,7 @@ class ResponseCache:
             embedding=embedding,
         )
         # Kept before the store tells the index, so a lookup that finds the entry finds its tokens.
-        self._keep_tokens(entry.key, tokens)
+        self._tokens.keep(entry.key, tokens)
         await self.store.put(entry)
         self.counts["saved"] += 1
 
@@ -565,49 +543,3 @@ def _fresh(entry: CacheEntry, plan: Plan, now: float) -> bool:
     if entry.expires_at is not None and entry.expires_at <= now:
         return False
     return plan.max_age is None or now - entry.created_at <= plan.max_age
-
-
-def build_cache(
-    settings: CacheSettings, data_dir: Path, note_stage: Callable[[str, float], None] | None = None
-) -> ResponseCache:
-    """The configured cache: its store, and for the semantic part the embedder, index and verifier.
-    With `note_stage` (the collector's), each embedding call's time is told as the `embedding` stage."""
-    store: CacheStore
-    memory = int(settings.max_memory_mb * 2**20)
-    if settings.store.backend == "redis":
-        from iros.cache.stores.redis import RedisCacheStore
-
-        assert settings.store.url is not None  # validated in config
-        store = RedisCacheStore(
-            settings.store.url,
-            settings.store.prefix,
-            max_entries=settings.max_entries,
-            max_memory_bytes=memory,
-            ttl_seconds=settings.ttl_seconds,
-            eviction=settings.eviction,
-        )
-    else:
-        from iros.cache.stores.sqlite import SQLiteCacheStore
-
-        store = SQLiteCacheStore(
-            Path(settings.store.path) if settings.store.path else data_dir / "cache.db",
-            max_entries=settings.max_entries,
-            max_memory_bytes=memory,
-            ttl_seconds=settings.ttl_seconds,
-            eviction=settings.eviction,
-        )
-    if not settings.semantic:
-        return ResponseCache(settings, store)
-    from iros.cache.embedder import TimedEmbedder, build_embedder
-    from iros.cache.index import VectorIndex
-    from iros.cache.verifier.model import Verifier
-
-    index_path = data_dir / "cache-index.usearch"
-
-    def index(dim: int) -> VectorIndex:
-        return VectorIndex(dim, index_path)
-
-    embedder: Embedder = build_embedder(settings.embedder)
-    if note_stage is not None:
-        embedder = TimedEmbedder(embedder, note_stage)
-    return ResponseCache(settings, store, embedder, Verifier.load(), index)

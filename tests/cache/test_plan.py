@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iros.cache.engine import ResponseCache, build_cache
+from iros.cache.build import build_cache
+from iros.cache.engine import ResponseCache
 from iros.config import CacheSettings
 from iros.core.schema import parse_request
 from tests.strategies import PROPERTY, text, valid_requests

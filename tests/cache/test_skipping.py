@@ -11,7 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from iros.cache.engine import ResponseCache, build_cache
+from iros.cache.build import build_cache
+from iros.cache.engine import ResponseCache
 from iros.cache.plan import Plan
 from iros.config import load_settings
 from iros.core.schema import parse_request
