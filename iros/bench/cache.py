@@ -115,6 +115,7 @@ async def _domain_quality(
     """One domain under the label-graph protocol: cache every distinct `a`, ask every distinct `b` that
     is not an `a`; a hit is right iff the labels join the question and the entry served."""
     groups = label_groups(pairs)
+    strict = label_groups(pairs, strict=True)
     stored = list(dict.fromkeys(p.a for p in pairs))
     stored_set = set(stored)
     queries = [b for b in dict.fromkeys(p.b for p in pairs) if b not in stored_set]
@@ -126,12 +127,12 @@ async def _domain_quality(
     await _insert(cache, plans, lambda _, done, total: report(f"{label}: inserting", done, total))
     cached_groups = {groups[t] for t in stored}
     answerable = sum(groups[q] in cached_groups for q in queries)
-    right = wrong = 0
+    right = wrong = wrong_strict = 0
     latencies: list[float] = []
     skipped_before = cache.counts["skipped"]
 
     async def one(text: str) -> None:
-        nonlocal right, wrong
+        nonlocal right, wrong, wrong_strict
         started = time.perf_counter()
         hit = await cache.lookup(_plan(cache, text))
         latencies.append((time.perf_counter() - started) * 1000)
@@ -140,6 +141,7 @@ async def _domain_quality(
                 right += 1
             else:
                 wrong += 1
+            wrong_strict += strict.get(hit.entry.prompt) != strict[text]
 
     ordered = sorted(queries, key=len)  # similar lengths pad little in the model's batches
     for start in range(0, len(ordered), CHUNK):
@@ -170,6 +172,10 @@ async def _domain_quality(
         "precision": round(precision, 4) if precision is not None else None,
         "recall": ratio(right, answerable),
         "false_hits_per_question": ratio(wrong, len(queries)),
+        # Judged by the label-1 pairs alone (label_groups(strict=True)): a copy of the question with
+        # other case or punctuation, which no label joins, counts as wrong there.
+        "false_hits_strict_labels": wrong_strict,
+        "precision_strict_labels": ratio(hits - wrong_strict, hits),
         "skipped": skipped,  # lookups the embedder was too busy for (misses); an injected one may skip
         "fixed_threshold_at_same_precision": best_fixed_threshold(
             similarity, joined, answerable, precision if precision is not None else 1.0

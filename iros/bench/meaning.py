@@ -5,11 +5,13 @@
 
 The upstream (an aiohttp server in the bench's own event loop) answers every question with its label
 group's answer: questions the labels join (a label-1 pair, or a chain of them) get the same text, any
-other question another. The stream asks every distinct text of the first pairs once, shuffled; a
-hit is right iff its answer is the question's group's. Cold is the first half of the stream, warm the
-second, when verification has had the first half to calibrate the cut. Beside each half: the best a
-single fixed cosine threshold would have done on the same questions (each question against the texts
-asked before it, the threshold chosen in hindsight with the labels) at the same precision.
+other question another; a sentence the files repeat with other case or punctuation is one question
+(pairs.label_groups), as a model would answer it. The stream asks every distinct text of the first
+pairs once, shuffled; a hit is right iff its answer is the question's group's. Cold is the first half
+of the stream, warm the second, when verification has had the first half to calibrate the cut. Beside
+each half: the best a single fixed cosine threshold would have done on the same questions (each
+question against the texts asked before it, the threshold chosen in hindsight with the labels) at the
+target precision 1 - δ, which the warm half is held to, and at the cache's own.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from iros.bench.pairs import (
 __all__ = ["run_meaning_workload"]
 
 MODEL = "meaning"
+MAX_EXAMPLES = 5  # false hits shown per half, to read what the cache got wrong
 
 
 def _answer(group: int) -> str:
@@ -90,6 +93,9 @@ def _serve(upstream: str, data_dir: Path, judge: str, max_share: float) -> Any:
         "cache": {
             "enabled": True,
             "semantic": True,
+            # Every lookup decides: this upstream answers at once, and under `speculate` its answer
+            # would overtake most lookups (served as misses, though the lookup would have hit).
+            "overlap": "queue",
             "verification": {"enabled": max_share > 0, "judge": judge, "max_share": max_share},
             # Decisions are measured, not speed: no lookup is skipped for an embedder that is behind.
             "embedder": {"skip_after_ms": None, "lookup_timeout_ms": 600_000},
@@ -181,9 +187,13 @@ def _half(
     replies: list[tuple[str, str | None]],
     baseline: tuple[list[float], list[bool]],
     rows: range,
+    target: float,
 ) -> dict[str, Any]:
+    """One half's figures; `target`: the precision the cache is held to (1 - δ), at which the fixed
+    threshold's recall is the bar."""
     seen: set[int] = {groups[stream[i]] for i in range(rows.start)}
     right = wrong = answerable = misses = 0
+    wrong_examples: list[dict[str, Any]] = []
     for i in rows:
         group = groups[stream[i]]
         answerable += group in seen
@@ -194,13 +204,18 @@ def _half(
                 right += 1
             else:
                 wrong += 1
+                if len(wrong_examples) < MAX_EXAMPLES:
+                    # The texts asked earlier whose answer was served: the entry is one of them.
+                    earlier = [stream[j] for j in range(i) if content == _answer(groups[stream[j]])]
+                    wrong_examples.append({"question": stream[i], "served_for": earlier[:3]})
         elif kind == "miss":
             misses += 1
     hits = right + wrong
     precision = right / hits if hits else None
     similarity = [baseline[0][i] for i in rows]
     joined = [baseline[1][i] for i in rows]
-    fixed = best_fixed_threshold(similarity, joined, answerable, precision if precision is not None else 1.0)
+    fixed = best_fixed_threshold(similarity, joined, answerable, target)
+    same = best_fixed_threshold(similarity, joined, answerable, precision if precision is not None else 1.0)
     recall = right / answerable if answerable else None
     return {
         "questions": len(rows),
@@ -210,7 +225,10 @@ def _half(
         "precision": round(precision, 4) if precision is not None else None,
         "recall": round(recall, 4) if recall is not None else None,
         "false_hits_per_question": ratio(wrong, len(rows)),
-        "fixed_threshold_at_same_precision": fixed,
+        "false_hit_examples": wrong_examples,
+        "fixed_threshold_at_target_precision": fixed,
+        "fixed_threshold_at_same_precision": same,
+        # None where no fixed threshold reaches the target precision on these questions: no bar.
         "recall_vs_fixed": round(recall / fixed["recall"], 4)
         if recall is not None and fixed["recall"]
         else None,
@@ -248,10 +266,10 @@ def run_meaning_workload(
     report("embedding for the fixed-threshold baseline", 1, 1)
     replies, stats = asyncio.run(_run(stream, groups, concurrency, judge, max_share, report))
     half = len(stream) // 2
-    cold = _half(stream, groups, replies, baseline, range(half))
-    warm = _half(stream, groups, replies, baseline, range(half, len(stream)))
     verification = stats.get("verification", {})
     delta = verification.get("max_false_hit_rate", 0.05)
+    cold = _half(stream, groups, replies, baseline, range(half), 1 - delta)
+    warm = _half(stream, groups, replies, baseline, range(half, len(stream)), 1 - delta)
     return {
         "questions": len(stream),
         "concurrency": concurrency,
@@ -280,8 +298,11 @@ def run_meaning_workload(
             )
         },
         "targets": {"warm_precision": round(1 - delta, 4), "warm_recall_vs_fixed": 0.9},
+        # None: nothing to judge (no semantic hit served; no fixed threshold reaching 1 - δ).
         "met": {
-            "warm_precision": (warm["precision"] or 0.0) >= 1 - delta,
-            "warm_recall_vs_fixed": (warm["recall_vs_fixed"] or 0.0) >= 0.9,
+            "warm_precision": None if warm["precision"] is None else warm["precision"] >= 1 - delta,
+            "warm_recall_vs_fixed": None
+            if not warm["fixed_threshold_at_target_precision"]["recall"]
+            else (warm["recall_vs_fixed"] or 0.0) >= 0.9,
         },
     }

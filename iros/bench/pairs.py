@@ -67,9 +67,12 @@ def request_body(text: str, model: str = MODEL) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0}
 
 
-def label_groups(pairs: list[Pair]) -> dict[str, int]:
+def label_groups(pairs: list[Pair], strict: bool = False) -> dict[str, int]:
     """Every text's group in the graph of label-1 pairs: two texts whose groups match are joined by the
-    labels, directly or through a chain (the protocol's test of a right hit)."""
+    labels, directly or through a chain (the protocol's test of a right hit). Texts with the same words
+    (verifier.model.wording: "The act of testing something." and "the act of testing something") are one
+    text asked twice, joined too, unless `strict`: the files repeat a sentence across pairs, cased or
+    punctuated differently, and the labels never join the copies."""
     parent: dict[str, str] = {}
 
     def root(text: str) -> str:
@@ -83,6 +86,14 @@ def label_groups(pairs: list[Pair]) -> dict[str, int]:
         root(p.b)
         if p.label == 1:
             ra, rb = root(p.a), root(p.b)
+            if ra != rb:
+                parent[ra] = rb
+    if not strict:
+        from iros.cache.verifier.model import wording
+
+        first: dict[tuple[str, ...], str] = {}
+        for text in list(parent):
+            ra, rb = root(text), root(first.setdefault(wording(text), text))
             if ra != rb:
                 parent[ra] = rb
     ids: dict[str, int] = {}

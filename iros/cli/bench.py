@@ -254,9 +254,10 @@ def bench_cache_quality(
         for name, d in result["domains"].items():
             fixed = d["fixed_threshold_at_same_precision"]
             err.print(
-                f"{name}: precision {d['precision']} recall {d['recall']} false hits/question "
-                f"{d['false_hits_per_question']}; best fixed threshold at that precision: recall "
-                f"{fixed['recall']} (cosine {fixed['threshold']})",
+                f"{name}: precision {d['precision']} ({d['precision_strict_labels']} by the labels "
+                f"alone) recall {d['recall']} false hits/question {d['false_hits_per_question']}; "
+                f"best fixed threshold at that precision: recall {fixed['recall']} (cosine "
+                f"{fixed['threshold']})",
                 highlight=False,
             )
     print_json(result)

@@ -98,10 +98,16 @@ async def test_cache_quality_follows_the_label_graph_per_domain(
 
 
 def test_label_groups_join_chains_and_the_baseline_is_chosen_in_hindsight() -> None:
-    """Texts joined through a chain of label-1 pairs share a group; the fixed threshold is the one with
-    the most recall at the precision asked."""
+    """Texts joined through a chain of label-1 pairs, or with the same words, share a group; the fixed
+    threshold is the one with the most recall at the precision asked."""
     groups = label_groups([Pair("a", "b", 1), Pair("b", "c", 1), Pair("c", "d", 0)])
     assert groups["a"] == groups["c"] != groups["d"]
+    # One sentence twice, cased and punctuated otherwise, in pairs no label joins: one question,
+    # except by the labels alone.
+    repeated = [Pair("The act of testing.", "x", 0), Pair("the act of testing", "y", 0)]
+    assert label_groups(repeated)["The act of testing."] == label_groups(repeated)["the act of testing"]
+    strict = label_groups(repeated, strict=True)
+    assert strict["The act of testing."] != strict["the act of testing"]
     best = best_fixed_threshold([0.9, 0.8, 0.7, 0.6], [True, True, False, True], 4, 0.75)
     assert best == {"threshold": 0.6, "precision": 0.75, "recall": 0.75}
     assert best_fixed_threshold([0.9, 0.8], [True, False], 2, 1.0)["recall"] == 0.5

@@ -16,7 +16,7 @@ import pytest
 
 from iros.bench.pairs import DATA_DIR
 from iros.cache.embedder import PACKAGED_MODEL, LocalEmbedder
-from iros.cache.verifier.model import FEATURES, Verifier
+from iros.cache.verifier.model import FEATURES, Verifier, same_words
 from iros.config import CacheSettings, EmbedderSettings
 
 DEV = DATA_DIR / "qqp" / "dev.jsonl.gz"
@@ -164,6 +164,45 @@ class TestDecisions:
         assert decided(verifier, q, [c], [s]).index is None
         if kind != "question word":  # "who invented" / "when was it invented": the trees cannot tell
             assert decision.scores[0] < 0.7, decision
+
+    @pytest.mark.parametrize(
+        ("query", "candidate"),
+        [
+            ("What is the future of e- commerce in India?", "What is the future of e-commerce in India?"),
+            ("how do i learn python", "How do I learn Python?"),
+            ("What\u2019s a monad?", "What's a monad ?"),
+        ],
+    )
+    def test_the_same_words_are_served_at_any_bound(
+        self, verifier: Verifier, query: str, candidate: str
+    ) -> None:
+        """Case, spacing and sentence punctuation do not change what is asked: the same words are
+        served even at the strictest δ, whatever the trees would say."""
+        for tokens in (None, np.ones((3, 4), np.float32)):
+            scores, _ = verifier.scores(
+                query, [candidate], [0.99], tokens, [tokens] if tokens is not None else None
+            )
+            assert scores[0] >= verifier.cut_for(0.001)
+
+    @pytest.mark.parametrize(
+        ("query", "candidate"),
+        [
+            ("What is 2+2?", "What is 2-2?"),
+            ("Is -5 prime?", "Is 5 prime?"),
+            ("What is 3.5 squared?", "What is 35 squared?"),
+            ("Is x < y?", "Is x > y?"),
+            ("日本語の質問です", "中文问题"),
+            ("???", "..."),
+        ],
+    )
+    def test_symbols_that_change_the_question_are_not_punctuation(
+        self, verifier: Verifier, query: str, candidate: str
+    ) -> None:
+        """An operator, a sign or a decimal point is part of the question, words of any script are words,
+        and punctuation alone is no words: not the same words, and the trees' score stays under the
+        default cut."""
+        assert not same_words(query, candidate)
+        assert verifier.scores(query, [candidate], [0.98])[0][0] < verifier.cut_for(0.05)
 
     async def test_picks_the_right_one_of_several(self, verifier: Verifier, embedder: LocalEmbedder) -> None:
         """Among near candidates the one that asks the same question is chosen, whatever its rank."""

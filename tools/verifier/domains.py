@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iros.cache.embedder import PACKAGED_MODEL, load_local_model
+from iros.cache.verifier.model import wording
 from iros.cache.verifier.tokens import MAX_TOKENS
 from tools.verifier.data import ROOT, Pairs, TokenStore, cache_dir, question_groups, read_pairs, unique_texts
 
@@ -40,7 +41,8 @@ class Domain:
     ia: npt.NDArray[np.int64]
     ib: npt.NDArray[np.int64]
     y: npt.NDArray[np.bool_]
-    groups: npt.NDArray[np.int64]  # per text: its component in the graph of label-1 pairs
+    groups: npt.NDArray[np.int64]  # per text: its component in the graph of label-1 pairs and same words
+    strict_groups: npt.NDArray[np.int64]  # the label-1 pairs' alone (bench.pairs.label_groups)
 
 
 def read_domain(name: str, data: Path = DATA) -> Pairs:
@@ -100,8 +102,13 @@ def load_domain(name: str, data: Path = DATA) -> Domain:
     texts, ia, ib = unique_texts(pairs)
     vectors, tokens = encode(texts)
     y = pairs.label.astype(bool)
-    groups = question_groups(ia[y], ib[y], len(texts), per_text=True)
-    return Domain(name, pairs, texts, vectors, tokens, ia, ib, y, groups)
+    strict = question_groups(ia[y], ib[y], len(texts), per_text=True)
+    # Texts with the same words are one text asked twice (bench.pairs.label_groups says why).
+    first: dict[tuple[str, ...], int] = {}
+    same = np.array([(first.setdefault(wording(t), i), i) for i, t in enumerate(texts)], np.int64)
+    joined_a, joined_b = np.concatenate([ia[y], same[:, 0]]), np.concatenate([ib[y], same[:, 1]])
+    groups = question_groups(joined_a, joined_b, len(texts), per_text=True)
+    return Domain(name, pairs, texts, vectors, tokens, ia, ib, y, groups, strict)
 
 
 def load_domains(names: tuple[str, ...] = DOMAINS, data: Path = DATA) -> dict[str, Domain]:

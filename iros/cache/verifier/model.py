@@ -32,7 +32,16 @@ import orjson
 if TYPE_CHECKING:
     from iros.cache.verifier.tokens import TokenProjection
 
-__all__ = ["FEATURES", "Featurizer", "Verifier", "parse", "shared_instruction"]
+__all__ = [
+    "FEATURES",
+    "Featurizer",
+    "Verifier",
+    "parse",
+    "rule",
+    "same_words",
+    "shared_instruction",
+    "wording",
+]
 
 PACKAGED = "verifier.json"
 
@@ -266,6 +275,32 @@ def shared_instruction(query: str, candidate: str) -> bool:
     content_q = {_stem(w) for w in rest_q if w not in _STOP}
     content_c = {_stem(w) for w in rest_c if w not in _STOP}
     return bool(content_q - content_c) and bool(content_c - content_q)
+
+
+# Words and the symbols that carry meaning ("2+2" is not "2-2", "-5" not "5"); sentence punctuation,
+# case and spacing ("e- commerce", "e-commerce") are not part of what is asked.
+_TOKEN = re.compile(r"\w+(?:'\w+)?|-(?=\d)|[^\w\s.,;:!?'\"()\[\]{}-]")
+
+
+@lru_cache(maxsize=4096)
+def wording(text: str) -> tuple[str, ...]:
+    """What a text asks, word by word: its words and meaningful symbols, lowercase, in order."""
+    return tuple(_TOKEN.findall(text.translate(_APOSTROPHES).lower()))
+
+
+def same_words(query: str, candidate: str) -> bool:
+    """The same words and symbols in the same order: one question, however cased, spaced or punctuated.
+    Texts of punctuation alone have no words to be the same."""
+    words = wording(query)
+    return bool(words) and words == wording(candidate)
+
+
+def rule(query: str, candidate: str) -> float | None:
+    """What the hand-written rules decide before the trees: 1 (serve) for the same words, 0 (refuse) for
+    a shared instruction with different inputs, None (the trees decide) otherwise."""
+    if same_words(query, candidate):
+        return 1.0
+    return 0.0 if shared_instruction(query, candidate) else None
 
 
 def _trigrams(text: str) -> frozenset[str]:
@@ -509,15 +544,16 @@ class Verifier:
         if not candidates:
             return np.empty(0, np.float64), False
         x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
-        refused = np.fromiter((shared_instruction(query, c) for c in candidates), bool, len(candidates))
+        ruled = np.array([rule(query, c) for c in candidates], dtype=np.float64)  # None -> NaN
         if (
             self.tokens is None
             or query_tokens is None
             or candidate_tokens is None
             or any(t is None for t in candidate_tokens)
         ):
-            return np.where(refused, 0.0, self._scores(x)), False
+            return np.where(np.isnan(ruled), self._scores(x), ruled), False
         from iros.cache.verifier.tokens import align_features
 
         aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
-        return np.where(refused, 0.0, _sigmoid(self.trees.logits(np.hstack([x, aligned])))), True
+        trees = _sigmoid(self.trees.logits(np.hstack([x, aligned])))
+        return np.where(np.isnan(ruled), trees, ruled), True
