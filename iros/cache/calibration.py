@@ -37,7 +37,6 @@ MIN_VERIFIED = 20  # effective outcomes a cut needs before its bound is trusted
 MAX_OUTCOMES = 4000  # per scope, the most recent; older outcomes describe traffic that has moved on
 MAX_SCOPES = 1000  # (namespace, model) pairs tracked; namespaces are API keys, so this is generous
 SPARSE_SHARE = 0.02  # sampling share once confident (the bound well under δ)
-NEAR_BAND = 0.25  # near-misses: candidates scored within this much under the cut
 
 
 def wilson(errors: float, n: float, z: float = Z) -> tuple[float, float]:
@@ -148,10 +147,12 @@ class Scope:
         return min(self.max_share, SPARSE_SHARE) if confident else self.max_share
 
     def near(self, score: float, prior: float) -> bool:
-        """A near-miss: under the cut, but within NEAR_BAND of it (or of the prior's, when the scope
-        serves nothing), so the boundary can move down as well as up."""
-        cut = self.cut(prior)
-        return score < cut and score >= min(cut, prior) - NEAR_BAND
+        """A near-miss: a candidate past the similarity gate that the verifier scored under the cut, at
+        any distance from it, so the cut can move down to wherever this traffic's outcomes allow in
+        one step rather than a band at a time (a band of 0.25 had the cut reach a new domain's
+        rewordings only near the end of a 1,000-question stream). 0 is a rule's refusal, never a
+        candidate."""
+        return 0.0 < score < self.cut(prior)
 
     def report(self, prior: float) -> dict[str, Any]:
         cut, tail = self._state(prior)

@@ -333,7 +333,8 @@ class ResponseCache:
             key, similarity = above[best]
             prior = verifier.cut_for(self.calibration.delta, aligned)
             scope = self.calibration.scope(plan.namespace, plan.model)
-            if score < scope.cut(prior):
+            # 0: a rule refused every candidate (a shared instruction), whatever the cut has become.
+            if score <= 0.0 or score < scope.cut(prior):
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
                 if scope.near(score, prior):

@@ -67,6 +67,19 @@ def test_a_scope_whose_hits_are_all_wrong_stops_serving() -> None:
     assert scope.near(PRIOR - 0.1, PRIOR)
 
 
+def test_every_candidate_under_the_cut_is_a_near_miss_but_a_rule_refusal() -> None:
+    """However far under the cut a candidate scored, its outcome can move the cut, so verification
+    judges it; a score of 0 (a rule refused it) never is, and never becomes servable."""
+    scope = Calibration(0.05, 0.2).scope("team-a", "chat")
+    assert scope.near(0.01, PRIOR) and scope.near(PRIOR - 0.5, PRIOR)
+    assert not scope.near(0.0, PRIOR) and not scope.near(PRIOR, PRIOR)
+    # Right outcomes far under the prior's cut bring it down to them in one step.
+    for i in range(200):
+        scope.record(0.1 + 0.001 * i, True, 1.0, served=False)
+    assert 0.1 <= scope.cut(PRIOR) < 0.15
+    assert not scope.near(0.0, PRIOR)
+
+
 def test_a_tighter_delta_reaches_every_scope() -> None:
     """set_delta tightens the bound of every scope at once: the same outcomes support a higher cut."""
     calibration = Calibration(0.10, 0.2)

@@ -99,6 +99,14 @@ async def decide(
     return decided(verifier, query, candidates, sims, projected[0], projected[1:]), sims
 
 
+async def score(
+    verifier: Verifier, embedder: LocalEmbedder, query: str, candidate: str, tokens: bool
+) -> float:
+    """The verifier's score for one candidate, with the model's token embeddings or on its fallback trees."""
+    decision, sims = await decide(verifier, embedder, query, [candidate])
+    return float(decision.scores[0]) if tokens else float(verifier.scores(query, [candidate], sims)[0][0])
+
+
 class TestPackaged:
     @pytest.mark.e2e
     def test_loads_without_scikit_learn_or_torch(self) -> None:
@@ -136,18 +144,17 @@ class TestPackaged:
 
 
 class TestDecisions:
-    async def test_rewordings_reach_the_near_miss_band(
+    async def test_rewordings_rank_above_the_hard_negatives(
         self, verifier: Verifier, embedder: LocalEmbedder
     ) -> None:
-        """Rewordings of one question score within NEAR_BAND of the default cut (so verification judges
-        them and can bring the cut down to them), with token embeddings and without."""
-        from iros.cache.calibration import NEAR_BAND
-
-        floor = verifier.cut_for(0.05) - NEAR_BAND
-        for q, c in REWORDINGS:
-            decision, sims = await decide(verifier, embedder, q, [c])
-            assert decision.scores[0] >= floor, (q, c, sims, decision)
-            assert verifier.scores(q, [c], sims)[0][0] >= floor
+        """Rewordings of one question score above every near question that asks something else (but
+        "who invented" / "when was it invented", which the trees cannot tell), with token embeddings
+        and without: a cut that verification brings down serves the rewordings before any of those."""
+        told = {k: v for k, v in HARD_NEGATIVES.items() if k != "question word"}
+        for tokens in (True, False):
+            worst = min([await score(verifier, embedder, q, c, tokens) for q, c in REWORDINGS])
+            best_wrong = max([await score(verifier, embedder, q, c, tokens) for q, c in told.values()])
+            assert worst > best_wrong > 0, (tokens, worst, best_wrong)
 
     @pytest.mark.parametrize("kind", HARD_NEGATIVES)
     async def test_rejects_what_cosine_would_serve(
