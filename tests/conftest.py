@@ -17,6 +17,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from iros.cache.engine import ResponseCache
+from iros.cache.plan import Plan
+from iros.core.schema import parse_request
 from iros.testing.iros import IrosProcess, free_port
 
 CLIENT_KEY = "sk-client-test"
@@ -123,6 +126,14 @@ def completion(content: str, model: str = "m") -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
     }
+
+
+def cache_plan(cache: ResponseCache, text: str, principal: str = "tenant") -> Plan:
+    """The cache's plan for one user question to model "m", as the gateway would make it."""
+    body = {"model": "m", "messages": [{"role": "user", "content": text}], "temperature": 0}
+    made = cache.plan(parse_request(orjson.dumps(body)), principal, None)
+    assert made is not None
+    return made
 
 
 class RecordingUpstream:

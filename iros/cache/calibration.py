@@ -69,10 +69,16 @@ class _Tail:
 
 @dataclass(slots=True)
 class Scope:
-    """One (namespace, model): its verified outcomes and the cut they support."""
+    """One (namespace, model): its verified outcomes and the cut they support. A `guarded` scope holds the
+    candidates the shared-instruction rule flags (verifier.model.shared_instruction), calibrated apart:
+    never served on the prior (its prior cut is infinite), only where their own outcomes keep the bound
+    under δ, so a deployment whose traffic is rewordings inside one sentence ("persons" / "people")
+    learns to serve them while classification prompts stay refused, however rare they are among the
+    rest of the traffic."""
 
     delta: float
     max_share: float
+    guarded: bool = False
     outcomes: deque[tuple[float, bool, float]] = field(default_factory=lambda: deque(maxlen=MAX_OUTCOMES))
     verified: int = 0  # outcomes ever recorded (hits and near-misses)
     verified_hits: int = 0  # of which the cache would have served
@@ -101,6 +107,8 @@ class Scope:
         return self._state(prior)[0]
 
     def _state(self, prior: float) -> tuple[float, _Tail]:
+        if self.guarded:
+            prior = math.inf
         memo = self._memo
         if memo is not None and memo[0] == prior and memo[1] == self.verified:
             return memo[2], memo[3]
@@ -157,10 +165,12 @@ class Scope:
     def report(self, prior: float) -> dict[str, Any]:
         cut, tail = self._state(prior)
         low, high = tail.interval()
+        own = math.inf if self.guarded else prior
         return {
+            "guarded": self.guarded,
             "cut": None if math.isinf(cut) else round(cut, 4),
-            "prior_cut": round(prior, 4),
-            "calibrated": cut != prior,
+            "prior_cut": None if math.isinf(own) else round(own, 4),
+            "calibrated": cut != own,
             "verified": self.verified,
             "verified_hits": self.verified_hits,
             "wrong_hits": self.wrong_hits,
@@ -181,6 +191,7 @@ class Pending:
     score: float
     served: bool  # a would-be hit (else a near-miss)
     weight: float  # 1 / the chance it was sampled
+    guarded: bool = False  # judged for the scope of shared-instruction candidates
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +204,7 @@ class Outcome:
     correct: bool
     weight: float
     served: bool
+    guarded: bool = False
 
     def to_data(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +220,7 @@ class Outcome:
                 bool(data["correct"]),
                 float(data["weight"]),
                 bool(data["served"]),
+                bool(data.get("guarded", False)),  # absent from an earlier version's outcomes
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -220,7 +233,7 @@ class Calibration:
     def __init__(self, delta: float, max_share: float, seed: int | None = None) -> None:
         self.delta = delta
         self.max_share = max_share
-        self.scopes: dict[tuple[str, str], Scope] = {}
+        self.scopes: dict[tuple[str, str, bool], Scope] = {}  # (namespace, model, guarded)
         self.random = random.Random(seed)
 
     def set_delta(self, delta: float) -> None:
@@ -229,20 +242,26 @@ class Calibration:
             scope.delta = delta
             scope._memo = None
 
-    def scope(self, namespace: str, model: str) -> Scope:
-        key = (namespace, model)
+    def scope(self, namespace: str, model: str, guarded: bool = False) -> Scope:
+        key = (namespace, model, guarded)
         found = self.scopes.get(key)
         if found is None:
             if len(self.scopes) >= MAX_SCOPES:
                 # The scope verified least long ago gives way (dicts keep insertion order).
                 self.scopes.pop(next(iter(self.scopes)))
-            found = self.scopes[key] = Scope(self.delta, self.max_share)
+            found = self.scopes[key] = Scope(self.delta, self.max_share, guarded)
         return found
 
     def record(self, pending: Pending, correct: bool) -> Outcome:
         """The judgement of a verification made here: into its scope, and returned for the others."""
         outcome = Outcome(
-            pending.namespace, pending.model, pending.score, correct, pending.weight, pending.served
+            pending.namespace,
+            pending.model,
+            pending.score,
+            correct,
+            pending.weight,
+            pending.served,
+            pending.guarded,
         )
         self.add([outcome])
         return outcome
@@ -250,7 +269,7 @@ class Calibration:
     def add(self, outcomes: Iterable[Outcome]) -> None:
         """Outcomes into their scopes (another worker's: what record() returned there)."""
         for o in outcomes:
-            self.scope(o.namespace, o.model).record(o.score, o.correct, o.weight, o.served)
+            self.scope(o.namespace, o.model, o.guarded).record(o.score, o.correct, o.weight, o.served)
 
     def draw(self, share: float) -> bool:
         return self.random.random() < share

@@ -44,7 +44,7 @@ import orjson
 from iros.cache import plan as cache_plan
 from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
-from iros.cache.calibration import Calibration, Pending
+from iros.cache.calibration import Calibration, Pending, Scope
 from iros.cache.plan import SHARED, Plan
 from iros.cache.token_memory import TokenMemory
 from iros.cache.verification import Verification
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # both load lazily: usearch, and the verifier's parameters, o
 log = logging.getLogger("iros.cache")
 
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
+VERIFYING = -1  # _decide: a would-be hit drawn for verification (asked upstream, not served)
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
 LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
@@ -321,32 +322,51 @@ class ResponseCache:
             keys = [k for k, _ in above]
             candidate_tokens = await self._candidate_tokens(keys) if plan.tokens is not None else None
             # The texts as far as the embedder read them: the features of a huge prompt would hold the loop.
+            query = plan.prompt[:MAX_TEXT_CHARS]
+            texts = [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys]
             scores, aligned = verifier.scores(
-                plan.prompt[:MAX_TEXT_CHARS],
-                [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys],
-                [s for _, s in above],
-                plan.tokens,
-                candidate_tokens,
+                query, texts, [s for _, s in above], plan.tokens, candidate_tokens, guard=False
             )
-            best = int(np.argmax(scores))
-            score = float(scores[best])
-            key, similarity = above[best]
             prior = verifier.cut_for(self.calibration.delta, aligned)
-            scope = self.calibration.scope(plan.namespace, plan.model)
-            # 0: a rule refused every candidate (a shared instruction), whatever the cut has become.
-            if score <= 0.0 or score < scope.cut(prior):
+            chosen = self._decide(plan, keys, scores, verifier.flagged(query, texts), prior)
+            if chosen is None:
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
-                if scope.near(score, prior):
-                    self.verification.sample(plan, scope, key, score, prior, served=False)
                 return None
-            self.verification.would_be_hit()
-            if self.verification.sample(plan, scope, key, score, prior, served=True):
+            if chosen == VERIFYING:
                 return None  # asked upstream: the fresh answer is served and judged
+            key, similarity = above[chosen]
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
         return Hit(entry, "semantic_hit", similarity)
+
+    def _decide(
+        self, plan: Plan, keys: list[str], scores: Any, flagged: list[bool], prior: float
+    ) -> int | None:
+        """Which candidate is served (None: a miss, a near-miss perhaps drawn for judging; VERIFYING: a
+        would-be hit drawn to be asked upstream and judged). Candidates the
+        shared-instruction rule flags are judged in a scope of their own, whose cut starts infinite:
+        served only once their own outcomes allow it, never because the rest of the traffic does."""
+        best: dict[bool, int] = {}
+        for i, flag in enumerate(flagged):
+            if flag not in best or scores[i] > scores[best[flag]]:
+                best[flag] = i
+        near: tuple[int, Scope, bool] | None = None
+        for flag, i in sorted(best.items(), key=lambda kv: -float(scores[kv[1]])):
+            scope = self.calibration.scope(plan.namespace, plan.model, flag)
+            score = float(scores[i])
+            if score > 0.0 and score >= scope.cut(prior):
+                self.verification.would_be_hit()
+                if self.verification.sample(plan, scope, keys[i], score, prior, True, flag):
+                    return VERIFYING
+                return i
+            if near is None and scope.near(score, prior):
+                near = (i, scope, flag)
+        if near is not None:
+            i, scope, flag = near
+            self.verification.sample(plan, scope, keys[i], float(scores[i]), prior, False, flag)
+        return None
 
     # --- verification (verification.py) ------------------------------------------------------
     async def _verify(self, pending: Pending, completion: dict[str, Any]) -> None:

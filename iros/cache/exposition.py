@@ -57,9 +57,20 @@ class VerificationCollector(Collector):
             "the verifier score a semantic hit needs, per namespace and model (calibrated or the prior's)",
             labels=["namespace", "model", "calibrated"],
         )
+        guarded = GaugeMetricFamily(
+            "iros_cache_shared_instruction_cut",
+            "the verifier score a candidate the shared-instruction rule flags needs, per namespace and "
+            "model, once its own verified outcomes allow serving any (absent: none is served)",
+            labels=["namespace", "model"],
+        )
         for scope in report["scopes"]:
-            if scope["cut"] is not None:
+            if scope["cut"] is None:
+                continue
+            if scope.get("guarded"):
+                guarded.add_metric([scope["namespace"], scope["model"]], scope["cut"])
+            else:
                 cut.add_metric(
                     [scope["namespace"], scope["model"], str(scope["calibrated"]).lower()], scope["cut"]
                 )
         yield cut
+        yield guarded

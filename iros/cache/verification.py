@@ -45,9 +45,19 @@ class Verification:
     def would_be_hit(self) -> None:
         self.counts["would_be_hit"] += 1
 
-    def sample(self, plan: Plan, scope: Scope, key: str, score: float, prior: float, served: bool) -> bool:
+    def sample(
+        self,
+        plan: Plan,
+        scope: Scope,
+        key: str,
+        score: float,
+        prior: float,
+        served: bool,
+        guarded: bool = False,
+    ) -> bool:
         """Whether this lookup is verified (then plan.verify is set): drawn at the scope's share; a
-        would-be hit only while the verification calls stay within max_share of the would-be hits."""
+        would-be hit only while the verification calls stay within max_share of the would-be hits.
+        `guarded`: the scope is the shared-instruction candidates' (calibration.Scope.guarded)."""
         settings = self.settings.verification
         if not settings.enabled:
             return False
@@ -61,7 +71,7 @@ class Verification:
             return False
         if share <= 0 or not self.calibration.draw(share):
             return False
-        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share)
+        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share, guarded)
         counts["verification_call" if served else "near_miss_checked"] += 1
         return True
 
@@ -103,7 +113,9 @@ class Verification:
         calibration = self.calibration
         scopes = []
         if prior is not None:
-            for (namespace, model), scope in calibration.scopes.items():
+            for (namespace, model, guarded), scope in calibration.scopes.items():
+                if guarded and not scope.verified:
+                    continue  # flagged candidates met but none judged yet: nothing to say
                 scopes.append({"namespace": namespace, "model": model, **scope.report(prior)})
         none = {
             "false_hit_rate": None,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from iros.cache.calibration import MIN_VERIFIED, SPARSE_SHARE, Calibration, wilson
+from iros.cache.calibration import MIN_VERIFIED, SPARSE_SHARE, Calibration, Outcome, wilson
 
 PRIOR = 0.6
 
@@ -133,3 +133,27 @@ def test_the_pooled_estimate_flags_a_bound_above_delta_only_with_evidence() -> N
         scope.record(0.9 + i * 1e-4, i % 5 != 0, 1.0, served=True)
     pooled = calibration.pooled(PRIOR)
     assert pooled["verified"] == 103
+
+
+def test_a_guarded_scope_serves_nothing_until_its_own_outcomes_allow() -> None:
+    """The shared-instruction candidates' scope has no prior: its cut is infinite, every candidate a
+    near-miss, until its own outcomes support a cut; the open scope's outcomes never reach it."""
+    calibration = Calibration(0.05, 0.2)
+    open_, guarded = calibration.scope("team-a", "chat"), calibration.scope("team-a", "chat", guarded=True)
+    assert open_ is not guarded
+    assert math.isinf(guarded.cut(PRIOR)) and guarded.near(PRIOR + 0.01, PRIOR)
+    report = guarded.report(PRIOR)
+    assert report["guarded"] and report["prior_cut"] is None and report["cut"] is None
+    assert not report["calibrated"]
+    calibration.add(Outcome("team-a", "chat", 0.2 + 0.001 * i, True, 1.0, False) for i in range(200))
+    assert open_.cut(PRIOR) < PRIOR and math.isinf(guarded.cut(PRIOR))
+    calibration.add(Outcome("team-a", "chat", 0.2 + 0.001 * i, True, 1.0, False, True) for i in range(200))
+    assert 0.2 <= guarded.cut(PRIOR) < 0.25 and guarded.report(PRIOR)["calibrated"]
+
+
+def test_an_outcome_without_a_stratum_is_an_open_one() -> None:
+    """Outcomes written by a worker of the version before strata read as the open scope's."""
+    outcome = Outcome("team-a", "chat", 0.9, True, 1.0, True, True)
+    assert Outcome.of_data(outcome.to_data()) == outcome
+    older = {k: v for k, v in outcome.to_data().items() if k != "guarded"}
+    assert Outcome.of_data(older) == Outcome("team-a", "chat", 0.9, True, 1.0, True)

@@ -33,7 +33,7 @@ class Worker:
         await self.sharing.publish(self.calibration.record(pending, correct))
 
     def verified(self, namespace: str = "team-a") -> int:
-        scope = self.calibration.scopes.get((namespace, "chat"))
+        scope = self.calibration.scopes.get((namespace, "chat", False))
         return scope.verified if scope is not None else 0
 
 
@@ -74,8 +74,8 @@ async def test_an_outcome_judged_on_one_worker_counts_once_on_every_worker(
     await asyncio.sleep(0.2)  # several more polls: nothing is applied again
     assert one.verified() == two.verified() == 31
     assert one.sharing.received == 1 and two.sharing.received == 30
-    report = one.calibration.scopes[("team-a", "chat")].report(PRIOR)
-    assert report == two.calibration.scopes[("team-a", "chat")].report(PRIOR)
+    report = one.calibration.scopes[("team-a", "chat", False)].report(PRIOR)
+    assert report == two.calibration.scopes[("team-a", "chat", False)].report(PRIOR)
     assert report["wrong_hits"] == 1
 
 
@@ -91,7 +91,7 @@ async def test_a_starting_worker_replays_the_latest_kept_outcomes(
     late = await started(kept=50)
     await until(lambda: late.verified() >= 50)
     await asyncio.sleep(0.1)
-    scores = [score for score, _, _ in late.calibration.scopes[("team-a", "chat")].outcomes]
+    scores = [score for score, _, _ in late.calibration.scopes[("team-a", "chat", False)].outcomes]
     assert 50 <= len(scores) <= 50 + PRUNE_EVERY
     assert scores == [i / total for i in range(total - len(scores), total)]
     assert late.verified() == len(scores)

@@ -8,14 +8,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from iros.cache.build import build_cache
 from iros.cache.engine import ResponseCache
-from iros.cache.plan import Plan
 from iros.config import load_settings
-from iros.core.schema import parse_request
+from tests.conftest import cache_plan, completion
 
 LONG = "Tell me everything about the Roman empire, its emperors and its provinces. " * 60
 
@@ -36,19 +34,6 @@ async def cache(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Respo
     await built.close()
 
 
-def plan(cache: ResponseCache, text: str) -> Plan:
-    body = {"model": "m", "messages": [{"role": "user", "content": text}], "temperature": 0}
-    made = cache.plan(parse_request(orjson.dumps(body)), "tenant", None)
-    assert made is not None
-    return made
-
-
-def answer(text: str) -> dict[str, object]:
-    message = {"role": "assistant", "content": text}
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
-
-
 async def busy(cache: ResponseCache) -> asyncio.Future[object]:
     """Keep the embedder busy with long texts (after one call, so that it knows its cost)."""
     assert cache.embedder is not None
@@ -64,7 +49,7 @@ async def test_a_lookup_behind_a_busy_embedder_is_skipped_at_once(cache: Respons
     before = (await cache.stats())["skipped"]
     work = await busy(cache)
     started = time.perf_counter()
-    hit = await cache.lookup(plan(cache, "What is the capital of France?"))
+    hit = await cache.lookup(cache_plan(cache, "What is the capital of France?"))
     waited = time.perf_counter() - started
     assert hit is None and not work.done()
     await work
@@ -75,22 +60,22 @@ async def test_a_lookup_behind_a_busy_embedder_is_skipped_at_once(cache: Respons
 
 async def test_exact_hits_are_served_while_the_embedder_is_busy(cache: ResponseCache) -> None:
     """An answer stored while the embedder is behind is kept for exact hits, which need no embedding."""
-    asked = plan(cache, "How tall is the Eiffel tower?")
+    asked = cache_plan(cache, "How tall is the Eiffel tower?")
     work = await busy(cache)
     assert await cache.lookup(asked) is None
-    await cache.store_now(asked, answer("330 metres"), 10.0, "m")
-    hit = await cache.lookup(plan(cache, "How tall is the Eiffel tower?"))
+    await cache.store_now(asked, completion("330 metres"), 10.0, "m")
+    hit = await cache.lookup(cache_plan(cache, "How tall is the Eiffel tower?"))
     assert hit is not None and hit.kind == "hit"
     await work
 
 
 async def test_an_idle_embedder_serves_semantic_hits(cache: ResponseCache) -> None:
     """With the embedder idle nothing is skipped: a paraphrase of a stored question is a semantic hit."""
-    stored = plan(cache, "What are the health benefits of drinking green tea?")
+    stored = cache_plan(cache, "What are the health benefits of drinking green tea?")
     assert await cache.lookup(stored) is None
-    await cache.store_now(stored, answer("many"), 10.0, "m")
+    await cache.store_now(stored, completion("many"), 10.0, "m")
     before = (await cache.stats())["skipped"]
-    hit = await cache.lookup(plan(cache, "What are some health benefits of drinking green tea?"))
+    hit = await cache.lookup(cache_plan(cache, "What are some health benefits of drinking green tea?"))
     assert hit is not None and hit.kind == "semantic_hit"
     assert (await cache.stats())["skipped"] == before
 
@@ -102,7 +87,7 @@ async def test_an_embedding_past_the_lookup_timeout_is_a_skipped_miss(cache: Res
     before, limit = (await cache.stats())["skipped"], settings.lookup_timeout_ms
     settings.lookup_timeout_ms = 0.001
     try:
-        assert await cache.lookup(plan(cache, "Which river runs through Vienna?")) is None
+        assert await cache.lookup(cache_plan(cache, "Which river runs through Vienna?")) is None
     finally:
         settings.lookup_timeout_ms = limit
     assert (await cache.stats())["skipped"] == before + 1

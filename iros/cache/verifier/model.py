@@ -36,6 +36,7 @@ __all__ = [
     "FEATURES",
     "Featurizer",
     "Verifier",
+    "guarded",
     "parse",
     "rule",
     "same_words",
@@ -295,12 +296,17 @@ def same_words(query: str, candidate: str) -> bool:
     return bool(words) and words == wording(candidate)
 
 
-def rule(query: str, candidate: str) -> float | None:
+def rule(query: str, candidate: str, guard: bool = True) -> float | None:
     """What the hand-written rules decide before the trees: 1 (serve) for the same words, 0 (refuse) for
-    a shared instruction with different inputs, None (the trees decide) otherwise."""
+    a shared instruction with different inputs (unless not `guard`), None (the trees decide) otherwise."""
     if same_words(query, candidate):
         return 1.0
-    return 0.0 if shared_instruction(query, candidate) else None
+    return 0.0 if guard and shared_instruction(query, candidate) else None
+
+
+def guarded(query: str, candidate: str) -> bool:
+    """A candidate the shared-instruction rule refuses (the same words never are)."""
+    return not same_words(query, candidate) and shared_instruction(query, candidate)
 
 
 def _trigrams(text: str) -> frozenset[str]:
@@ -531,6 +537,11 @@ class Verifier:
         """The fallback trees' scores for rows of FEATURES."""
         return _sigmoid(self.fallback.logits(x))
 
+    @staticmethod
+    def flagged(query: str, candidates: Sequence[str]) -> list[bool]:
+        """Which candidates the shared-instruction rule refuses (`scores` gives them 0 unless not guard)."""
+        return [guarded(query, c) for c in candidates]
+
     def scores(
         self,
         query: str,
@@ -538,13 +549,15 @@ class Verifier:
         similarities: Sequence[float],
         query_tokens: npt.NDArray[Any] | None = None,
         candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
+        guard: bool = True,
     ) -> tuple[npt.NDArray[np.float64], bool]:
         """Scores for several candidates of one query (0 where they share an instruction and differ in
-        their input), and whether the token alignment joined in (False: the fallback trees scored)."""
+        their input, unless not `guard`: then the trees' score, for the cache to judge those apart), and
+        whether the token alignment joined in (False: the fallback trees scored)."""
         if not candidates:
             return np.empty(0, np.float64), False
         x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
-        ruled = np.array([rule(query, c) for c in candidates], dtype=np.float64)  # None -> NaN
+        ruled = np.array([rule(query, c, guard) for c in candidates], dtype=np.float64)  # None -> NaN
         if (
             self.tokens is None
             or query_tokens is None

@@ -402,8 +402,9 @@ function drawCacheEfficiency(widget, data) {
     el("dl", { class: "kv" }, ...rows.flatMap(([k, text, key]) => [el("dt", { text: k }), el("dd", { "data-key": key, text })])));
   if (v.scopes && v.scopes.length) {
     const head = el("tr", {}, ...["namespace", "model", "cut", "calibrated", "verified", "false-hit rate"].map((h) => el("th", { text: h })));
-    const body = v.scopes.map((s) => el("tr", { "data-scope": `${s.namespace}/${s.model}` },
-      ...[s.namespace, s.model, s.cut === null ? "none served" : fmt(s.cut), s.calibrated ? "yes" : "prior",
+    const body = v.scopes.map((s) => el("tr", { "data-scope": `${s.namespace}/${s.model}${s.guarded ? "/shared-instruction" : ""}` },
+      ...[s.namespace, s.guarded ? `${s.model} (shared instruction)` : s.model,
+        s.cut === null ? "none served" : fmt(s.cut), s.calibrated ? "yes" : "prior",
         fmt(s.verified), s.false_hit_rate === null ? "–" : pct(s.false_hit_rate)].map((t) => el("td", { text: t }))));
     section.append(el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
   }
