@@ -15,10 +15,11 @@ matches. Answers warmed by an admin live in a shared namespace every tenant read
 The semantic rule (one rule): of the verifier's `neighbours` nearest cached questions in scope whose
 cosine is at least `similarity_threshold` (a gate), the verifier (verifier/) scores each and the best
 is served if it reaches the cut. The cut follows from δ (`max_false_hit_rate`): the prior's, measured
-out of domain, until verification (calibration.py) has measured this namespace and model's own. The
-query's token embeddings come from the same forward pass as its vector; each entry's (projected,
-float16) are kept in memory from when it was stored, or computed once when an entry came from the
-store or a replica.
+out of domain, until verification (calibration.py) has measured this namespace and model's own.
+Candidates the shared-instruction rule flags have a cut of their own, infinite until their own
+outcomes say otherwise (`_decide`). The query's token embeddings come from the same forward pass as
+its vector; each entry's (projected, float16) are kept in memory from when it was stored
+(token_memory.py), or computed once when an entry came from the store or a replica.
 
 Verification (verification.py): a sampled share of would-be hits goes upstream instead (the client
 gets the fresh answer, as on a miss), and a sampled share of near-misses (upstream anyway) too; once
@@ -345,27 +346,27 @@ class ResponseCache:
         self, plan: Plan, keys: list[str], scores: Any, flagged: list[bool], prior: float
     ) -> int | None:
         """Which candidate is served (None: a miss, a near-miss perhaps drawn for judging; VERIFYING: a
-        would-be hit drawn to be asked upstream and judged). Candidates the
-        shared-instruction rule flags are judged in a scope of their own, whose cut starts infinite:
-        served only once their own outcomes allow it, never because the rest of the traffic does."""
+        would-be hit drawn to be asked upstream and judged). The best candidate of each kind meets its
+        own scope's cut: those the shared-instruction rule flags are judged apart, their cut infinite
+        until their own outcomes lower it, never because the rest of the traffic earned a low one."""
         best: dict[bool, int] = {}
         for i, flag in enumerate(flagged):
             if flag not in best or scores[i] > scores[best[flag]]:
                 best[flag] = i
-        near: tuple[int, Scope, bool] | None = None
+        near: tuple[int, Scope] | None = None
         for flag, i in sorted(best.items(), key=lambda kv: -float(scores[kv[1]])):
             scope = self.calibration.scope(plan.namespace, plan.model, flag)
             score = float(scores[i])
             if score > 0.0 and score >= scope.cut(prior):
                 self.verification.would_be_hit()
-                if self.verification.sample(plan, scope, keys[i], score, prior, True, flag):
+                if self.verification.sample(plan, scope, keys[i], score, prior, served=True):
                     return VERIFYING
                 return i
             if near is None and scope.near(score, prior):
-                near = (i, scope, flag)
+                near = (i, scope)
         if near is not None:
-            i, scope, flag = near
-            self.verification.sample(plan, scope, keys[i], float(scores[i]), prior, False, flag)
+            i, scope = near
+            self.verification.sample(plan, scope, keys[i], float(scores[i]), prior, served=False)
         return None
 
     # --- verification (verification.py) ------------------------------------------------------

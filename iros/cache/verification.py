@@ -45,19 +45,9 @@ class Verification:
     def would_be_hit(self) -> None:
         self.counts["would_be_hit"] += 1
 
-    def sample(
-        self,
-        plan: Plan,
-        scope: Scope,
-        key: str,
-        score: float,
-        prior: float,
-        served: bool,
-        guarded: bool = False,
-    ) -> bool:
+    def sample(self, plan: Plan, scope: Scope, key: str, score: float, prior: float, served: bool) -> bool:
         """Whether this lookup is verified (then plan.verify is set): drawn at the scope's share; a
-        would-be hit only while the verification calls stay within max_share of the would-be hits.
-        `guarded`: the scope is the shared-instruction candidates' (calibration.Scope.guarded)."""
+        would-be hit only while the verification calls stay within max_share of the would-be hits."""
         settings = self.settings.verification
         if not settings.enabled:
             return False
@@ -71,7 +61,7 @@ class Verification:
             return False
         if share <= 0 or not self.calibration.draw(share):
             return False
-        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share, guarded)
+        plan.verify = Pending(plan.namespace, plan.model, key, score, served, 1.0 / share, scope.guarded)
         counts["verification_call" if served else "near_miss_checked"] += 1
         return True
 

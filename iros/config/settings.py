@@ -355,6 +355,9 @@ class CacheSettings(Strict):
     semantic_max_chars: int = Field(
         1000,
         ge=1,
+        # The verifier reads the first 4,096 characters (cache.base.MAX_TEXT_CHARS): past that, two texts
+        # that differ only at their ends would have the same words to it.
+        le=4096,
         description="longer last user turns are matched exactly only: the embedding model reads its first "
         "256 word pieces (about 1,000 characters), so two long texts alike there would look the same",
     )

@@ -135,6 +135,10 @@ class TestErrors:
                 "auth: {api_keys: [{name: a}]}\nmodels: [{name: a, backend: simulated}]\n",
                 "auth.api_keys[0]: give exactly one of key, key_env or key_sha256",
             ),
+            (
+                "models: [{name: a, backend: simulated}]\ncache: {semantic_max_chars: 5000}\n",
+                "cache.semantic_max_chars: Input should be less than or equal to 4096",
+            ),
         ],
     )
     def test_error_names_the_field(self, tmp_path: Path, text: str, expected: str) -> None:
