@@ -232,6 +232,10 @@ def _half(
         "recall_vs_fixed": round(recall / fixed["recall"], 4)
         if recall is not None and fixed["recall"]
         else None,
+        # The data README's reading: the fixed threshold at the precision the cache reached.
+        "recall_vs_fixed_at_same_precision": round(recall / same["recall"], 4)
+        if recall is not None and same["recall"]
+        else None,
     }
 
 
