@@ -157,6 +157,23 @@ _ALERT_COLUMNS = (
 )
 
 
+# An acknowledgement only ever arrives: a save that carries none (another worker's copy of the alert,
+# taken before the acknowledgement reached it, or a replica's log entry applied after it) keeps the
+# one the row has. INSERT OR REPLACE would put it back to none, on this replica until the next save.
+_UPSERT_ALERT = (
+    f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES ({','.join('?' * 16)}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = excluded.{c}"
+        for c in (c.strip() for c in _ALERT_COLUMNS.split(","))
+        if c not in ("id", "acked_by", "ack_comment", "acked_at")
+    )
+    + ", acked_by = COALESCE(excluded.acked_by, alerts.acked_by)"
+    + ", ack_comment = CASE WHEN excluded.acked_by IS NULL THEN alerts.ack_comment"
+    + " ELSE excluded.ack_comment END"
+    + ", acked_at = COALESCE(excluded.acked_at, alerts.acked_at)"
+)
+
+
 def _alert_row(a: Alert) -> tuple[Any, ...]:
     return (
         a.id, a.rule, a.severity, json.dumps(a.labels), json.dumps(a.annotations), a.state, a.value,
@@ -201,8 +218,7 @@ class AlertStore:
         def write() -> None:
             conn = self.db.connect()
             with conn:
-                sql = f"INSERT OR REPLACE INTO alerts ({_ALERT_COLUMNS}) VALUES ({','.join('?' * 16)})"
-                conn.execute(sql, _alert_row(alert))
+                conn.execute(_UPSERT_ALERT, _alert_row(alert))
                 if transition is not None:
                     # Once: a transition copied from another replica may arrive twice.
                     head = (alert.id, alert.updated_at, transition[0], transition[1])
