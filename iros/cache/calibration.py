@@ -106,9 +106,12 @@ class Scope:
         """The lowest cut the outcomes support at δ; the prior's while they support none."""
         return self._state(prior)[0]
 
+    def _own(self, prior: float) -> float:
+        """The prior's cut as it stands for this scope: none (infinite) for a guarded one."""
+        return math.inf if self.guarded else prior
+
     def _state(self, prior: float) -> tuple[float, _Tail]:
-        if self.guarded:
-            prior = math.inf
+        prior = self._own(prior)
         memo = self._memo
         if memo is not None and memo[0] == prior and memo[1] == self.verified:
             return memo[2], memo[3]
@@ -165,7 +168,7 @@ class Scope:
     def report(self, prior: float) -> dict[str, Any]:
         cut, tail = self._state(prior)
         low, high = tail.interval()
-        own = math.inf if self.guarded else prior
+        own = self._own(prior)
         return {
             "guarded": self.guarded,
             "cut": None if math.isinf(cut) else round(cut, 4),

@@ -325,11 +325,11 @@ class ResponseCache:
             # The texts as far as the embedder read them: the features of a huge prompt would hold the loop.
             query = plan.prompt[:MAX_TEXT_CHARS]
             texts = [self._prompts.get(k, "")[:MAX_TEXT_CHARS] for k in keys]
-            scores, aligned = verifier.scores(
-                query, texts, [s for _, s in above], plan.tokens, candidate_tokens, guard=False
+            scores, flagged, aligned = verifier.assess(
+                query, texts, [s for _, s in above], plan.tokens, candidate_tokens
             )
             prior = verifier.cut_for(self.calibration.delta, aligned)
-            chosen = self._decide(plan, keys, scores, verifier.flagged(query, texts), prior)
+            chosen = self._decide(plan, keys, scores, flagged.tolist(), prior)
             if chosen is None:
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1

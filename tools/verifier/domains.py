@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from iros.bench.pairs import Pair, label_groups
 from iros.cache.embedder import PACKAGED_MODEL, load_local_model
-from iros.cache.verifier.model import wording
 from iros.cache.verifier.tokens import MAX_TOKENS
-from tools.verifier.data import ROOT, Pairs, TokenStore, cache_dir, question_groups, read_pairs, unique_texts
+from tools.verifier.data import ROOT, Pairs, TokenStore, cache_dir, read_pairs, unique_texts
 
 # Beside the checkout as the project lays it out; IROS_PAIRS_DIR points elsewhere (a worktree).
 DATA = Path(os.environ.get("IROS_PAIRS_DIR") or ROOT.parent / "shared" / "data")
@@ -42,7 +42,7 @@ class Domain:
     ib: npt.NDArray[np.int64]
     y: npt.NDArray[np.bool_]
     groups: npt.NDArray[np.int64]  # per text: its component in the graph of label-1 pairs and same words
-    strict_groups: npt.NDArray[np.int64]  # the label-1 pairs' alone (bench.pairs.label_groups)
+    strict_groups: npt.NDArray[np.int64]  # the label-1 pairs alone (label_groups(strict=True))
 
 
 def read_domain(name: str, data: Path = DATA) -> Pairs:
@@ -102,12 +102,15 @@ def load_domain(name: str, data: Path = DATA) -> Domain:
     texts, ia, ib = unique_texts(pairs)
     vectors, tokens = encode(texts)
     y = pairs.label.astype(bool)
-    strict = question_groups(ia[y], ib[y], len(texts), per_text=True)
-    # Texts with the same words are one text asked twice (bench.pairs.label_groups says why).
-    first: dict[tuple[str, ...], int] = {}
-    same = np.array([(first.setdefault(wording(t), i), i) for i, t in enumerate(texts)], np.int64)
-    joined_a, joined_b = np.concatenate([ia[y], same[:, 0]]), np.concatenate([ib[y], same[:, 1]])
-    groups = question_groups(joined_a, joined_b, len(texts), per_text=True)
+    # The benchmarks' truth (bench.pairs.label_groups), so the prior is trained and scored as they judge.
+    labelled = [
+        Pair(a, b, int(label)) for a, b, label in zip(pairs.a, pairs.b, pairs.label.tolist(), strict=True)
+    ]
+
+    def per_text(group: dict[str, int]) -> npt.NDArray[np.int64]:
+        return np.fromiter((group[t] for t in texts), np.int64, len(texts))
+
+    groups, strict = per_text(label_groups(labelled)), per_text(label_groups(labelled, strict=True))
     return Domain(name, pairs, texts, vectors, tokens, ia, ib, y, groups, strict)
 
 

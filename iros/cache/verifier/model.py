@@ -36,7 +36,6 @@ __all__ = [
     "FEATURES",
     "Featurizer",
     "Verifier",
-    "guarded",
     "parse",
     "rule",
     "same_words",
@@ -296,17 +295,12 @@ def same_words(query: str, candidate: str) -> bool:
     return bool(words) and words == wording(candidate)
 
 
-def rule(query: str, candidate: str, guard: bool = True) -> float | None:
+def rule(query: str, candidate: str) -> float | None:
     """What the hand-written rules decide before the trees: 1 (serve) for the same words, 0 (refuse) for
-    a shared instruction with different inputs (unless not `guard`), None (the trees decide) otherwise."""
+    a shared instruction with different inputs, None (the trees decide) otherwise."""
     if same_words(query, candidate):
         return 1.0
-    return 0.0 if guard and shared_instruction(query, candidate) else None
-
-
-def guarded(query: str, candidate: str) -> bool:
-    """A candidate the shared-instruction rule refuses (the same words never are)."""
-    return not same_words(query, candidate) and shared_instruction(query, candidate)
+    return 0.0 if shared_instruction(query, candidate) else None
 
 
 def _trigrams(text: str) -> frozenset[str]:
@@ -537,11 +531,6 @@ class Verifier:
         """The fallback trees' scores for rows of FEATURES."""
         return _sigmoid(self.fallback.logits(x))
 
-    @staticmethod
-    def flagged(query: str, candidates: Sequence[str]) -> list[bool]:
-        """Which candidates the shared-instruction rule refuses (`scores` gives them 0 unless not guard)."""
-        return [guarded(query, c) for c in candidates]
-
     def scores(
         self,
         query: str,
@@ -549,24 +538,43 @@ class Verifier:
         similarities: Sequence[float],
         query_tokens: npt.NDArray[Any] | None = None,
         candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
-        guard: bool = True,
     ) -> tuple[npt.NDArray[np.float64], bool]:
         """Scores for several candidates of one query (0 where they share an instruction and differ in
-        their input, unless not `guard`: then the trees' score, for the cache to judge those apart), and
-        whether the token alignment joined in (False: the fallback trees scored)."""
-        if not candidates:
-            return np.empty(0, np.float64), False
+        their input), and whether the token alignment joined in (False: the fallback trees scored)."""
+        scores, flagged, aligned = self.assess(
+            query, candidates, similarities, query_tokens, candidate_tokens
+        )
+        return np.where(flagged, 0.0, scores), aligned
+
+    def assess(
+        self,
+        query: str,
+        candidates: Sequence[str],
+        similarities: Sequence[float],
+        query_tokens: npt.NDArray[Any] | None = None,
+        candidate_tokens: Sequence[npt.NDArray[Any] | None] | None = None,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], bool]:
+        """The trees' score for each candidate (1 for the same words), which of them the shared-instruction
+        rule flags (the cache judges those apart; `scores` refuses them), and whether the token alignment
+        joined in (False: the fallback trees scored)."""
+        n = len(candidates)
+        if not n:
+            return np.empty(0, np.float64), np.empty(0, np.bool_), False
         x = np.stack([self.features(query, c, s) for c, s in zip(candidates, similarities, strict=True)])
-        ruled = np.array([rule(query, c, guard) for c in candidates], dtype=np.float64)  # None -> NaN
+        same = np.fromiter((same_words(query, c) for c in candidates), np.bool_, n)
+        flagged = np.fromiter(
+            (not s and shared_instruction(query, c) for s, c in zip(same.tolist(), candidates, strict=True)),
+            np.bool_,
+            n,
+        )
         if (
             self.tokens is None
             or query_tokens is None
             or candidate_tokens is None
             or any(t is None for t in candidate_tokens)
         ):
-            return np.where(np.isnan(ruled), self._scores(x), ruled), False
+            return np.where(same, 1.0, self._scores(x)), flagged, False
         from iros.cache.verifier.tokens import align_features
 
         aligned = np.stack([align_features(query_tokens, c) for c in candidate_tokens if c is not None])
-        trees = _sigmoid(self.trees.logits(np.hstack([x, aligned])))
-        return np.where(np.isnan(ruled), trees, ruled), True
+        return np.where(same, 1.0, _sigmoid(self.trees.logits(np.hstack([x, aligned])))), flagged, True
