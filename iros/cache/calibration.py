@@ -72,9 +72,9 @@ class Scope:
     """One (namespace, model): its verified outcomes and the cut they support. A `guarded` scope holds the
     candidates the shared-instruction rule flags (verifier.model.shared_instruction), calibrated apart:
     never served on the prior (its prior cut is infinite), only where their own outcomes keep the bound
-    under δ, so a deployment whose traffic is rewordings inside one sentence ("persons" / "people")
-    learns to serve them while classification prompts stay refused, however rare they are among the
-    rest of the traffic."""
+    under δ, so a deployment whose traffic quotes and rewords the rest ('"It works," Halla said' /
+    '"It works," said Brian Halla') learns to serve them while classification prompts stay refused,
+    however rare they are among the rest of the traffic."""
 
     delta: float
     max_share: float

@@ -14,9 +14,9 @@ from iros.cache.engine import ResponseCache
 from iros.config import load_settings
 from tests.conftest import cache_plan, completion
 
-# One sentence with one word swapped for a synonym: the rule flags it like an instruction with two inputs.
-CACHED = "Why would a guy avoid telling a girl that he is single?"
-ASKED = "Why would a guy avoid telling a female that he is single?"
+# One instruction, its input reworded with a synonym: the rule flags it like two different inputs.
+CACHED = "Is this review friendly? The meal was wonderful and the waiters were kind."
+ASKED = "Is this review friendly? The food was wonderful and the waiters were kind."
 REVIEW = "Is this review friendly? The food was wonderful and the staff were kind."
 OTHER_REVIEW = "Is this review friendly? The food was cold and the staff were rude."
 

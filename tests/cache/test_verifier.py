@@ -16,7 +16,7 @@ import pytest
 
 from iros.bench.pairs import DATA_DIR
 from iros.cache.embedder import PACKAGED_MODEL, LocalEmbedder
-from iros.cache.verifier.model import FEATURES, Verifier, same_words
+from iros.cache.verifier.model import FEATURES, Verifier, same_words, shared_instruction
 from iros.config import CacheSettings, EmbedderSettings
 
 DEV = DATA_DIR / "qqp" / "dev.jsonl.gz"
@@ -230,6 +230,66 @@ class TestDecisions:
         assert not aligned  # no token embeddings: the fallback trees scored, held to their own cut
         assert verifier.scores(query, [], [])[0].shape == (0,)
         assert decided(verifier, query, [], []).index is None
+
+
+class TestSharedInstruction:
+    @pytest.mark.parametrize(
+        ("query", "candidate"),
+        [
+            (
+                "Is this review friendly? The food was wonderful and the staff were kind.",
+                "Is this review friendly? The food was cold and the staff were rude.",
+            ),
+            ("Translate to French: I like cheese", "Translate to French: I like bread"),
+            (
+                "The food was great. Is this review friendly?",
+                "The service was slow. Is this review friendly?",
+            ),
+            (
+                "The food was great.\n\nSummarize the text above in one line.",
+                "The service was slow.\n\nSummarize the text above in one line.",
+            ),
+            (
+                'Does this sentence sound sarcastic: "Great, another Monday"',
+                'Does this sentence sound sarcastic: "Lovely weather for ducks"',
+            ),
+            ("A man is playing a guitar", "A man is not playing a guitar"),
+        ],
+    )
+    def test_one_instruction_with_other_inputs_is_flagged(self, query: str, candidate: str) -> None:
+        """A question, a clause before a colon, a sentence or a line both prompts share, and inputs that
+        differ around it (or a negation on one side only): flagged, both ways round."""
+        assert shared_instruction(query, candidate) and shared_instruction(candidate, query)
+
+    @pytest.mark.parametrize(
+        ("query", "candidate"),
+        [
+            (
+                "The poll conducted between Oct. 24 and Nov. 2 had a margin of error of 2 percentage points.",
+                "The telephone survey had a margin of error of 2 percentage points.",
+            ),
+            (
+                "El Watan, an Algerian newspaper, reported that the kidnappers put up fierce resistance.",
+                "El Watan, an Algerian newspaper, reported that the kidnappers fiercely resisted.",
+            ),
+            (
+                "Raising funds has been complicated by the U.S. crackdown on charities, the delegates said.",
+                "Raising funds has been complicated by the U.S. crackdown on charities, his men said.",
+            ),
+            (
+                "The robot launches at 2:05 p.m. on Sunday from Florida",
+                "The robot launches at 2:05 p.m. on Sunday from Texas",
+            ),
+            (
+                "Why would a guy avoid telling a girl that he is single?",
+                "Why would a guy avoid telling a female that he is single?",
+            ),
+        ],
+    )
+    def test_a_sentence_reworded_inside_is_left_to_the_trees(self, query: str, candidate: str) -> None:
+        """Shared words that are only the start or end of one sentence (up to a comma, a dash, the period
+        of an abbreviation or a time's colon) are no instruction: the trees judge the rewording."""
+        assert not shared_instruction(query, candidate) and not shared_instruction(candidate, query)
 
 
 class TestFeatures:

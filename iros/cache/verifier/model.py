@@ -250,13 +250,47 @@ def _negative(word: str) -> bool:
 
 
 SHARED_WORDS = 3  # an instruction both prompts share: at least this many words, and half the shorter
+# What ends an instruction: a question, a colon, a sentence, a line, a quote or a bracket. Not a comma or
+# a dash, which join the parts of one sentence ("El Watan, an Algerian newspaper, reported that ..."),
+# nor the period of an abbreviation or a time ("U.S. crackdown", "Oct. 24", "2:05 p.m. on Sunday").
+_SEGMENT_END = re.compile(
+    r"[?!;\n\"'()\[\]{}\u201c\u201d\u00ab\u00bb]|:(?!\d)|(?<=[A-Za-z0-9]{2})\.(?=\s+[^a-z0-9\s])"
+)
+_CASED_WORD = re.compile(_WORD.pattern.replace("a-z", "a-zA-Z"))
+
+
+@lru_cache(maxsize=4096)
+def _segment_starts(text: str) -> tuple[bool, ...]:
+    """For each of parse(text).words, whether a segment ends just before it (the first word: False)."""
+    text = text.translate(_APOSTROPHES)
+    words = list(_CASED_WORD.finditer(text))
+    if tuple(m.group().lower() for m in words) != parse(text).words:
+        # Lowercasing changed where the words are (rare letters outside ASCII): no cue from case, then.
+        text = text.lower()
+        words = list(_WORD.finditer(text))
+    starts, end = [], None
+    for match in words:
+        starts.append(end is not None and _SEGMENT_END.search(text, end, match.start() + 1) is not None)
+        end = match.end()
+    return tuple(starts)
+
+
+def _whole_segment(q: str, c: str, prefix: int, suffix: int) -> bool:
+    """Whether the words both texts share at their start (`prefix` of them) or end (`suffix`) hold a
+    whole segment: the shared part is an instruction of its own, not the first words of one sentence."""
+    sq, sc = _segment_starts(q), _segment_starts(c)
+    if any(sq[i] and sc[i] for i in range(1, prefix + 1) if i < len(sq) and i < len(sc)):
+        return True
+    return any(sq[len(sq) - i] and sc[len(sc) - i] for i in range(1, suffix + 1))
 
 
 def shared_instruction(query: str, candidate: str) -> bool:
     """Two prompts that share an instruction and differ in their input ("Is this review friendly? The
     food was great." / "... The service was slow."): the shared words lift their cosine and their
     features alike, yet they ask about different things. True when the words around the shared prefix
-    and suffix substitute a content word on each side, or negate one side only."""
+    and suffix negate one side only, or substitute a content word on each side where the shared words
+    hold a whole segment (a question, a clause before a colon, a sentence): a sentence reworded inside
+    ("The poll had a margin of error of 2 points." / "The survey had ...") is the trees' to judge."""
     q, c = parse(query).words, parse(candidate).words
     shortest = min(len(q), len(c))
     prefix = 0
@@ -274,7 +308,8 @@ def shared_instruction(query: str, candidate: str) -> bool:
         return True
     content_q = {_stem(w) for w in rest_q if w not in _STOP}
     content_c = {_stem(w) for w in rest_c if w not in _STOP}
-    return bool(content_q - content_c) and bool(content_c - content_q)
+    substituted = bool(content_q - content_c) and bool(content_c - content_q)
+    return substituted and _whole_segment(query, candidate, prefix, suffix)
 
 
 # Words and the symbols that carry meaning ("2+2" is not "2-2", "-5" not "5"); sentence punctuation,
