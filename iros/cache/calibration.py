@@ -246,6 +246,15 @@ class Calibration:
             scope._memo = None
 
     def scope(self, namespace: str, model: str, guarded: bool = False) -> Scope:
+        """The scope a lookup is judged in, made when first needed. A guarded one is kept only once it has
+        an outcome; until then each lookup gets a fresh, empty one, so flagged candidates met but never
+        judged take no place among the MAX_SCOPES."""
+        found = self.scopes.get((namespace, model, guarded))
+        if found is None and guarded:
+            return Scope(self.delta, self.max_share, guarded)
+        return found if found is not None else self._kept(namespace, model, guarded)
+
+    def _kept(self, namespace: str, model: str, guarded: bool) -> Scope:
         key = (namespace, model, guarded)
         found = self.scopes.get(key)
         if found is None:
@@ -272,7 +281,7 @@ class Calibration:
     def add(self, outcomes: Iterable[Outcome]) -> None:
         """Outcomes into their scopes (another worker's: what record() returned there)."""
         for o in outcomes:
-            self.scope(o.namespace, o.model, o.guarded).record(o.score, o.correct, o.weight, o.served)
+            self._kept(o.namespace, o.model, o.guarded).record(o.score, o.correct, o.weight, o.served)
 
     def draw(self, share: float) -> bool:
         return self.random.random() < share

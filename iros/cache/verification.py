@@ -103,9 +103,7 @@ class Verification:
         calibration = self.calibration
         scopes = []
         if prior is not None:
-            for (namespace, model, guarded), scope in calibration.scopes.items():
-                if guarded and not scope.verified:
-                    continue  # flagged candidates met but none judged yet: nothing to say
+            for (namespace, model, _), scope in calibration.scopes.items():
                 scopes.append({"namespace": namespace, "model": model, **scope.report(prior)})
         none = {
             "false_hit_rate": None,

@@ -148,6 +148,7 @@ def test_a_guarded_scope_serves_nothing_until_its_own_outcomes_allow() -> None:
     calibration.add(Outcome("team-a", "chat", 0.2 + 0.001 * i, True, 1.0, False) for i in range(200))
     assert open_.cut(PRIOR) < PRIOR and math.isinf(guarded.cut(PRIOR))
     calibration.add(Outcome("team-a", "chat", 0.2 + 0.001 * i, True, 1.0, False, True) for i in range(200))
+    guarded = calibration.scope("team-a", "chat", guarded=True)
     assert 0.2 <= guarded.cut(PRIOR) < 0.25 and guarded.report(PRIOR)["calibrated"]
 
 
@@ -157,3 +158,15 @@ def test_an_outcome_without_a_stratum_is_an_open_one() -> None:
     assert Outcome.of_data(outcome.to_data()) == outcome
     older = {k: v for k, v in outcome.to_data().items() if k != "guarded"}
     assert Outcome.of_data(older) == Outcome("team-a", "chat", 0.9, True, 1.0, True)
+
+
+def test_a_guarded_scope_is_kept_only_once_judged() -> None:
+    """Flagged candidates met at lookups take no place among the scopes until one is judged; then its
+    outcome is kept, apart from the open scope's."""
+    calibration = Calibration(0.05, 0.2)
+    assert math.isinf(calibration.scope("team-a", "chat", guarded=True).cut(PRIOR))
+    assert calibration.scopes == {}
+    calibration.add([Outcome("team-a", "chat", 0.3, True, 1.0, False, guarded=True)])
+    assert list(calibration.scopes) == [("team-a", "chat", True)]
+    assert calibration.scope("team-a", "chat", guarded=True).verified == 1
+    assert calibration.scope("team-a", "chat").verified == 0
