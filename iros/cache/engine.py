@@ -21,10 +21,10 @@ outcomes say otherwise (`_decide`). The query's token embeddings come from the s
 its vector; each entry's (projected, float16) are kept in memory from when it was stored
 (token_memory.py), or computed once when an entry came from the store or a replica.
 
-Verification (verification.py): a sampled share of would-be hits goes upstream instead (the client
-gets the fresh answer, as on a miss), and a sampled share of near-misses (upstream anyway) too; once
-the answer is in, the judge (judge.py) compares it with the cached one in the background and the
-outcome calibrates the cut.
+Verification (verification.py): a sampled share of would-be hits is served all the same and asked
+upstream in the background (Hit.verify: the caller hands the call to verify_served), and a sampled
+share of near-misses (upstream anyway) is judged too; once the answer is in, the judge (judge.py)
+compares it with the cached one in the background and the outcome calibrates the cut.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:  # both load lazily: usearch, and the verifier's parameters, o
 log = logging.getLogger("iros.cache")
 
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
-VERIFYING = -1  # _decide: a would-be hit drawn for verification (asked upstream, not served)
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
 LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
@@ -69,6 +68,8 @@ class Hit:
     entry: CacheEntry
     kind: str  # "hit" (exact) or "semantic_hit"
     similarity: float = 1.0
+    # A semantic hit drawn for verification: the caller asks upstream after serving it (verify_served).
+    verify: Pending | None = None
 
 
 class ResponseCache:
@@ -92,6 +93,7 @@ class ResponseCache:
         self._prompts: dict[str, str] = {}  # entry key -> its prompt, for the verifier
         self._tokens = TokenMemory()  # entry key -> its prompt's token embeddings, for the verifier
         self._saves: set[asyncio.Task[None]] = set()
+        self._reasks: set[asyncio.Task[None]] = set()  # verification calls of served hits (verify_served)
         self._loader: asyncio.Task[None] | None = None
         self.misses: Counter[tuple[str, str]] = Counter()  # (model, prompt) of recent misses, for warming
         self._miss_order: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -159,6 +161,8 @@ class ResponseCache:
         return True
 
     async def close(self) -> None:
+        for task in list(self._reasks):  # verification calls: nobody waits on their answers
+            task.cancel()
         if self._loader is not None:
             self._loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,19 +338,20 @@ class ResponseCache:
                 self.verifier_rejections += 1
                 self.similarity_bins["verifier_rejected"][bin_] += 1
                 return None
-            if chosen == VERIFYING:
-                return None  # asked upstream: the fresh answer is served and judged
             key, similarity = above[chosen]
         entry = await self.store.get(key)
         if entry is None or not _fresh(entry, plan, now):
             return None
-        return Hit(entry, "semantic_hit", similarity)
+        # A would-be hit drawn for verification is served all the same: the client does not wait for a
+        # verification it did not need; the caller asks upstream afterwards (Hit.verify). An answer
+        # that overtook this lookup was fetched anyway: save() judges that one (plan.verify).
+        return Hit(entry, "semantic_hit", similarity, plan.verify)
 
     def _decide(
         self, plan: Plan, keys: list[str], scores: Any, flagged: list[bool], prior: float
     ) -> int | None:
-        """Which candidate is served (None: a miss, a near-miss perhaps drawn for judging; VERIFYING: a
-        would-be hit drawn to be asked upstream and judged). The best candidate of each kind meets its
+        """Which candidate is served (None: a miss, a near-miss perhaps drawn for judging; a served one
+        may be drawn for verification too, plan.verify). The best candidate of each kind meets its
         own scope's cut: those the shared-instruction rule flags are judged apart, their cut infinite
         until their own outcomes lower it, never because the rest of the traffic earned a low one."""
         best: dict[bool, int] = {}
@@ -359,8 +364,7 @@ class ResponseCache:
             score = float(scores[i])
             if score > 0.0 and score >= scope.cut(prior):
                 self.verification.would_be_hit()
-                if self.verification.sample(plan, scope, keys[i], score, prior, served=True):
-                    return VERIFYING
+                self.verification.sample(plan, scope, keys[i], score, prior, served=True)
                 return i
             if near is None and scope.near(score, prior):
                 near = (i, scope)
@@ -370,6 +374,27 @@ class ResponseCache:
         return None
 
     # --- verification (verification.py) ------------------------------------------------------
+    def verify_served(self, pending: Pending, fresh: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """A served hit drawn for verification: `fresh` (the same request asked upstream) runs in the
+        background and its answer is judged against the cached one."""
+        if len(self._reasks) >= MAX_PENDING_SAVES:
+            self.verification.counts["verification_lost"] += 1
+            return
+        task = asyncio.ensure_future(self._verify_fresh(pending, fresh))
+        self._reasks.add(task)
+        task.add_done_callback(self._reasks.discard)
+
+    async def _verify_fresh(self, pending: Pending, fresh: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        try:
+            completion = await fresh()
+        except Exception as exc:  # an upstream failing, a queue full: no outcome, the client has its answer
+            self.verification.counts["verification_lost"] += 1
+            log.debug("verification call failed: %s", exc)
+            return
+        self.verification.spent(pending, completion)
+        if self.acceptable(completion):
+            await self._verify(pending, completion)
+
     async def _verify(self, pending: Pending, completion: dict[str, Any]) -> None:
         entry = await self.store.get(pending.key)
         cached = orjson.loads(entry.body) if entry is not None else None

@@ -2,13 +2,14 @@
 judged against the cached one, and what the cache reports of it.
 
 verification = Verification(settings)                    # cache.verification: ResponseCache builds it
-if verification.sample(plan, scope, key, score, prior, served=True): ...   # plan.verify is set: re-ask
+if verification.sample(plan, scope, key, score, prior, served=True): ...   # plan.verify: judge it
 verification.spent(pending, completion)                  # a re-asked would-be hit's tokens, counted
 await verification.judge(pending, completion, cached, embedder)   # the outcome, to the calibration
 verification.report(prior)                               # /api/analysis/cache/efficiency's figures
 
-A sampled would-be hit goes upstream instead (the client gets the fresh answer, as on a miss), and a
-sampled near-miss (upstream anyway) too; once the answer is in, the judge (judge.py) compares it with
+A sampled would-be hit is served all the same and asked upstream beside it (ResponseCache.verify_served:
+the client never waits for a verification it did not need), and a sampled near-miss (upstream anyway) is
+judged too; once the answer is in, the judge (judge.py) compares it with
 the cached one and the outcome, weighted by 1 / its sampling chance, calibrates the cut
 (calibration.py), here and, through `share_outcome`, on every other worker.
 """

@@ -32,7 +32,7 @@ from iros.config import Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
 from iros.core.record import Observer, RequestIds, RequestRecord, log_access, note_result, upstream_ms
-from iros.core.schema import OPERATIONS, ParsedRequest, parse_request
+from iros.core.schema import OPERATIONS, Operation, ParsedRequest, parse_request
 from iros.core.spans import Spans
 from iros.core.tokens import counted_usage
 from iros.core.tracecontext import TraceContext
@@ -230,7 +230,9 @@ class Gateway:
         content = message.get("content") if isinstance(message, dict) else None
         return content if isinstance(content, str) else ""
 
-    async def _once(self, model: str, data: dict[str, Any]) -> tuple[Deployment, Completion, Spans]:
+    async def _once(
+        self, model: str, data: dict[str, Any], operation: Operation = "chat"
+    ) -> tuple[Deployment, Completion, Spans]:
         """One whole answer through routing, admission and failover, for Iros's own questions."""
         candidates = self.router.candidates(model)
         record = RequestRecord(self._next_id(), time.time(), Spans())
@@ -238,7 +240,7 @@ class Gateway:
         try:
 
             async def complete(deployment: Deployment) -> Completion:
-                return await deployment.backend.complete(data, record.spans)
+                return await deployment.backend.complete(data, record.spans, operation)
 
             deployment, completion = await self._call(candidates, record, complete)
         finally:
@@ -293,6 +295,16 @@ class Gateway:
         return None
 
     async def _replay(self, hit: Hit, request: ParsedRequest, record: RequestRecord, send: Send) -> None:
+        if hit.verify is not None and self.cache is not None:
+            # Drawn for verification: the same request goes upstream beside the client's answer, as
+            # one whole answer, and the cache judges it against the one served.
+            data = {k: v for k, v in request.data.items() if k not in ("stream", "stream_options")}
+            model, operation = request.model, request.operation
+
+            async def fresh() -> dict[str, Any]:
+                return (await self._once(model, data, operation))[1].data
+
+            self.cache.verify_served(hit.verify, fresh)
         completion = orjson.loads(hit.entry.body)
         note_result(record, completion)
         record.status, record.deployment = 200, f"{hit.entry.model}#cache"

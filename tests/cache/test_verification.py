@@ -40,11 +40,13 @@ class MeaningUpstream:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.asked: list[str] = []
+        self.streamed: list[bool] = []  # whether each question asked for a stream
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         text = body["messages"][-1]["content"]
         self.asked.append(text)
+        self.streamed.append(bool(body.get("stream")))
         data = completion(MEANING.get(text, f"About: {text}"))
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
@@ -91,7 +93,9 @@ def meaning() -> MeaningUpstream:
 def verifying(meaning: MeaningUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IrosProcess]:
     # max_share 1: every would-be hit is re-asked while the cut is uncertain, so the test is not a draw;
     # δ 0.3 (cut 0.7): the prior alone would serve the paraphrase.
+    # overlap queue: the lookup decides before this instant upstream could answer, so a hit is a hit.
     cfg = config(meaning, tmp_path_factory.mktemp("verify"), delta=0.3, max_share=1.0)
+    cfg["cache"]["overlap"] = "queue"
     with IrosProcess.serve(cfg, env={"TEST_ADMIN_KEY": ADMIN_KEY}) as proc:
         wait_until(lambda: semantic_ready(proc), "the semantic cache", timeout=180)
         yield proc
@@ -100,15 +104,18 @@ def verifying(meaning: MeaningUpstream, tmp_path_factory: pytest.TempPathFactory
 def test_a_sampled_would_be_hit_is_asked_upstream_judged_and_shown(
     verifying: IrosProcess, meaning: MeaningUpstream
 ) -> None:
-    """The paraphrase's would-be hit goes upstream too: the client gets the fresh answer, the judge
-    finds it the same as the cached one, and the outcome appears in the efficiency report and /metrics."""
+    """The paraphrase's would-be hit is served from the cache and asked upstream beside it: the judge
+    finds the fresh answer the same as the cached one, and the outcome appears in the efficiency report
+    and /metrics."""
     assert ask(verifying, GREEN_TEA).headers["x-iros-cache"] == "miss"
     before = len(meaning.asked)
     paraphrase = ask(verifying, "What are some health benefits of drinking green tea?")
     assert paraphrase.status_code == 200
+    assert paraphrase.headers["x-iros-cache"] == "semantic_hit"
     assert paraphrase.json()["choices"][0]["message"]["content"] == "Green tea has antioxidants."
-    # Verified rather than served: the model was asked this time.
-    assert len(meaning.asked) == before + 1
+    # Served and verified: the model was asked the paraphrase too, after the client had its answer.
+    wait_until(lambda: len(meaning.asked) == before + 1, "the verification call", timeout=30)
+    assert meaning.asked[-1] == "What are some health benefits of drinking green tea?"
 
     def verified() -> dict[str, Any] | None:
         report = httpx.get(f"{verifying.url}/api/analysis/cache/efficiency", headers=ADMIN).json()
@@ -126,6 +133,32 @@ def test_a_sampled_would_be_hit_is_asked_upstream_judged_and_shown(
     assert "iros_cache_verification_calls_total 1.0" in metrics
     assert 'iros_cache_false_hit_rate{bound="upper"}' in metrics
     assert 'iros_cache_semantic_cut{calibrated="false",model="chat",namespace="team-a"}' in metrics
+
+
+def test_a_streamed_would_be_hit_is_replayed_and_verified_as_one_answer(
+    verifying: IrosProcess, meaning: MeaningUpstream
+) -> None:
+    """A client that streams gets the cached answer as a stream at once; the verification asks the
+    same question upstream as one whole answer, and its judgement counts."""
+    ask(verifying, GREEN_TEA)
+    before = len(meaning.asked)
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "Which health benefits does drinking green tea have?"}],
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{verifying.url}/v1/chat/completions", json=body, headers=CLIENT, timeout=60
+    ) as resp:
+        assert resp.headers["x-iros-cache"] == "semantic_hit"
+        text = "".join(resp.iter_text())
+    assert text.rstrip().endswith("data: [DONE]")
+    chunks = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    said = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert said == "Green tea has antioxidants."
+    wait_until(lambda: len(meaning.asked) == before + 1, "the verification call", timeout=30)
+    assert meaning.asked[-1] == body["messages"][0]["content"] and meaning.streamed[-1] is False
 
 
 def test_classification_prompts_never_share_answers(verifying: IrosProcess) -> None:
