@@ -262,9 +262,10 @@ _CASED_WORD = re.compile(_WORD.pattern.replace("a-z", "a-zA-Z"))
 @lru_cache(maxsize=4096)
 def _segment_starts(text: str) -> tuple[bool, ...]:
     """For each of parse(text).words, whether a segment ends just before it (the first word: False)."""
+    parsed = parse(text)  # the same call shared_instruction made: its words, from the cache
     text = text.translate(_APOSTROPHES)
     words = list(_CASED_WORD.finditer(text))
-    if tuple(m.group().lower() for m in words) != parse(text).words:
+    if tuple(m.group().lower() for m in words) != parsed.words:
         # Lowercasing changed where the words are (rare letters outside ASCII): no cue from case, then.
         text = text.lower()
         words = list(_WORD.finditer(text))
