@@ -229,12 +229,10 @@ def _half(
         "fixed_threshold_at_target_precision": fixed,
         "fixed_threshold_at_same_precision": same,
         # None where no fixed threshold reaches the target precision on these questions: no bar.
-        "recall_vs_fixed": round(recall / fixed["recall"], 4)
-        if recall is not None and fixed["recall"]
-        else None,
+        "recall_vs_fixed": ratio(recall, fixed["recall"] or 0.0) if recall is not None else None,
         # The data README's reading: the fixed threshold at the precision the cache reached.
-        "recall_vs_fixed_at_same_precision": round(recall / same["recall"], 4)
-        if recall is not None and same["recall"]
+        "recall_vs_fixed_at_same_precision": ratio(recall, same["recall"] or 0.0)
+        if recall is not None
         else None,
     }
 
