@@ -8,10 +8,12 @@ await db.close()                          # closes the file, ends the thread; ru
 
 connect() applies busy_timeout, the caller's pragmas (page_size and auto_vacuum take effect only on a
 new file, before WAL), journal_mode=WAL and synchronous=NORMAL: a crash, kill -9 included, loses at
-most the last transaction and never corrupts the file. It creates the schema in one transaction when
-PRAGMA user_version is below `version`. It refuses, with IncompatibleFile, a file written by a newer
-Iros and one whose tables lack columns of the schema its version names (a pre-release layout): no
-retry would make those writable, so the process stops at start and says what to do.
+most the last transaction and never corrupts the file. Workers opening one new file together may be told
+'database is locked' at once; the open is retried until busy_timeout's deadline. It creates the schema
+in one transaction when PRAGMA user_version is below `version`. It refuses, with IncompatibleFile, a
+file written by a newer Iros and one whose tables lack columns of the schema its version names (a
+pre-release layout): no retry would make those writable, so the process stops at start and says what
+to do.
 
 Writes fail (disk full, read-only directory) with sqlite3.Error or OSError; the store keeps its changes
 and retries. report() logs such a failure once per outage, not once per retry:
@@ -31,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,11 +43,61 @@ from typing import Any, TypeVar
 
 from iros.core.errors import StoreUnavailable
 
-__all__ = ["IncompatibleFile", "SQLiteFile"]
+__all__ = ["IncompatibleFile", "SQLiteFile", "open_wal"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+BUSY_TIMEOUT_SECONDS = 10.0
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """The file is locked by another connection (SQLITE_BUSY or SQLITE_LOCKED, extended codes included)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc)
+
+
+def open_wal(
+    path: Path,
+    *,
+    pragmas: Sequence[str] = (),
+    setup: Callable[[sqlite3.Connection], object] | None = None,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """A connection to `path` (created with its directory) in autocommit, with busy_timeout, `pragmas`,
+    journal_mode=WAL and synchronous=NORMAL, after `setup(conn)` (the schema).
+
+    Workers opening one new file together: switching it to WAL can answer SQLITE_BUSY at once, without
+    waiting out busy_timeout (SQLite's own deadlock avoidance), so the whole open is retried here until
+    the same deadline.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = 0.005
+    while True:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            for pragma in pragmas:
+                conn.execute(f"PRAGMA {pragma}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if setup is not None:
+                setup(conn)
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if not _busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 2, 0.2)
 
 
 class IncompatibleFile(Exception):
@@ -93,30 +147,20 @@ class SQLiteFile:
 
     def connect(self) -> sqlite3.Connection:
         """The open connection (opened, and the schema created, on first use). Database thread only."""
-        if self._conn is not None:
-            return self._conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            for pragma in self.pragmas:
-                conn.execute(f"PRAGMA {pragma}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found > self.version:
-                raise self._incompatible(
-                    f"its schema version {found} is newer than this Iros understands ({self.version})"
-                )
-            if found < self.version:
-                self._create(conn)
-            else:
-                self._check_layout(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
+        if self._conn is None:
+            self._conn = open_wal(self.path, pragmas=self.pragmas, setup=self._setup)
+        return self._conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > self.version:
+            raise self._incompatible(
+                f"its schema version {found} is newer than this Iros understands ({self.version})"
+            )
+        if found < self.version:
+            self._create(conn)
+        else:
+            self._check_layout(conn)
 
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")

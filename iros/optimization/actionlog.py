@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from iros.core.sqlitefile import open_wal
+
 FILENAME = "optimization.db"
 MAX_ROWS = 100_000  # oldest rows beyond this are dropped
 
@@ -44,12 +46,9 @@ class ActionLog:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
+            self._conn = open_wal(
+                self.path, setup=lambda conn: conn.executescript(_SCHEMA), check_same_thread=False
+            )
         return self._conn
 
     def _add(self, row: dict[str, Any]) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from iros.core.sqlitefile import open_wal
 from iros.state.base import StateUnavailable, worker_id
 
 LOG_KEEP_SECONDS = 600.0  # log entries older than this are dropped (the live window is 5 minutes)
@@ -62,13 +63,9 @@ class LocalState:
     # --- SQLite -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.data_dir / "state.db", check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
+            self._conn = open_wal(
+                self.data_dir / "state.db", setup=lambda c: c.executescript(_SCHEMA), check_same_thread=False
+            )
         return self._conn
 
     async def _run(self, job: Any, *args: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,32 @@ def test_workers_creating_the_schema_at_once_agree(tmp_path: Path) -> None:
     assert late.execute("PRAGMA user_version").fetchone()[0] == 1
     assert late.execute("SELECT count(*) FROM things").fetchone()[0] == 0
     late.close()
+
+
+def test_workers_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Two workers of one host switching a new file to WAL together: SQLite may answer one of them
+    'database is locked' at once, without waiting out busy_timeout. Each open still succeeds."""
+    failures: list[BaseException] = []
+    for round_ in range(100):
+        path = tmp_path / f"new-{round_}.db"
+        together = threading.Barrier(4)
+
+        def open_it(path: Path = path, together: threading.Barrier = together) -> None:
+            store = _file(path)
+            together.wait()
+            try:
+                store.connect().execute("SELECT count(*) FROM things")
+            except BaseException as exc:
+                failures.append(exc)
+            finally:
+                store._disconnect()
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
 
 
 def test_a_file_with_an_older_layout_under_the_same_version_is_refused(tmp_path: Path) -> None:
