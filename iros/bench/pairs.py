@@ -70,7 +70,7 @@ def request_body(text: str, model: str = MODEL) -> dict[str, Any]:
 def label_groups(pairs: list[Pair], strict: bool = False) -> dict[str, int]:
     """Every text's group in the graph of label-1 pairs: two texts whose groups match are joined by the
     labels, directly or through a chain (the protocol's test of a right hit). Texts with the same words
-    (verifier.model.wording: "The act of testing something." and "the act of testing something") are one
+    (verifier.rules.wording: "The act of testing something." and "the act of testing something") are one
     text asked twice, joined too, unless `strict`: the files repeat a sentence across pairs, cased or
     punctuated differently, and the labels never join the copies."""
     parent: dict[str, str] = {}
@@ -89,7 +89,7 @@ def label_groups(pairs: list[Pair], strict: bool = False) -> dict[str, int]:
             if ra != rb:
                 parent[ra] = rb
     if not strict:
-        from iros.cache.verifier.model import wording
+        from iros.cache.verifier.rules import wording
 
         first: dict[tuple[str, ...], str] = {}
         for text in list(parent):

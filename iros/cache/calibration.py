@@ -70,7 +70,7 @@ class _Tail:
 @dataclass(slots=True)
 class Scope:
     """One (namespace, model): its verified outcomes and the cut they support. A `guarded` scope holds the
-    candidates the shared-instruction rule flags (verifier.model.shared_instruction), calibrated apart:
+    candidates the shared-instruction rule flags (verifier.rules.shared_instruction), calibrated apart:
     never served on the prior (its prior cut is infinite), only where their own outcomes keep the bound
     under δ, so a deployment whose traffic quotes and rewords the rest ('"It works," Halla said' /
     '"It works," said Brian Halla') learns to serve them while classification prompts stay refused,

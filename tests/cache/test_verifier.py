@@ -16,7 +16,8 @@ import pytest
 
 from iros.bench.pairs import DATA_DIR
 from iros.cache.embedder import PACKAGED_MODEL, LocalEmbedder
-from iros.cache.verifier.model import FEATURES, Verifier, same_words, shared_instruction
+from iros.cache.verifier.model import FEATURES, Verifier
+from iros.cache.verifier.rules import same_words, shared_instruction
 from iros.config import CacheSettings, EmbedderSettings
 
 DEV = DATA_DIR / "qqp" / "dev.jsonl.gz"

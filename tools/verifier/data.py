@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from iros.cache.embedder import PACKAGED_MODEL, load_local_model
-from iros.cache.verifier.model import parse
+from iros.cache.verifier.text import parse
 from iros.cache.verifier.tokens import MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parents[2]

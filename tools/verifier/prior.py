@@ -31,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from iros.cache.embedder import PACKAGED_MODEL
-from iros.cache.verifier.model import FEATURES, Featurizer, rule
+from iros.cache.verifier.model import FEATURES, Featurizer
+from iros.cache.verifier.rules import rule
 from iros.cache.verifier.tokens import ALIGN_FEATURES, TokenProjection, align_features
 from tools.verifier import trees as verifier_trees
 from tools.verifier.data import ROOT, SEED, build_idf, nearest
@@ -128,8 +129,8 @@ class Scorer:
 
 
 def ruled(d: Domain, rows: Rows) -> npt.NDArray[np.float64]:
-    """What the hand-written rules decide whatever the trees say (model.rule): 1 for the same words, 0
-    for a shared instruction with different inputs, NaN where the trees decide."""
+    """What the hand-written rules decide whatever the trees say (verifier.rules.rule): 1 for the same
+    words, 0 for a shared instruction with different inputs, NaN where the trees decide."""
     return np.array(
         [
             rule(d.texts[q], d.texts[c])

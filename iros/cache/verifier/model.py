@@ -4,7 +4,8 @@ Cosine similarity of sentence embeddings ranks candidates well but cannot tell "
 Canada?" from "How do I get a visa for Australia?". The verifier looks at what cosine blurs (numbers,
 negations, names, the kind of question, the words one side has and the other lacks) and scores the pair
 with gradient-boosted trees that also read how well the two questions' MiniLM token embeddings align
-(tokens.py), trained by tools/verifier/prior.py; inference is plain numpy.
+(tokens.py), trained by tools/verifier/prior.py; inference is plain numpy. What it reads in each text
+is text.py's; the rules the trees never override (the same words, a shared instruction) are rules.py's.
 
 verifier = Verifier.load()                                  # the packaged verifier.json
 q = verifier.project(query_token_embeddings)                # kept with each cached entry as well
@@ -15,11 +16,8 @@ if scores[0] >= verifier.cut_for(delta, aligned):   # the cache's calibration ma
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -29,94 +27,15 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from iros.cache.verifier.rules import same_words, shared_instruction
+from iros.cache.verifier.text import parse, trigrams
+
 if TYPE_CHECKING:
     from iros.cache.verifier.tokens import TokenProjection
 
-__all__ = [
-    "FEATURES",
-    "Featurizer",
-    "Verifier",
-    "parse",
-    "rule",
-    "same_words",
-    "shared_instruction",
-    "wording",
-]
+__all__ = ["FEATURES", "Featurizer", "Verifier"]
 
 PACKAGED = "verifier.json"
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_CASED = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:'[a-z]+)?")
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_CLAUSE = re.compile(r"[^?.!]+(?:[?!]+|\.(?=\s|$)|$)")
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'"})
-
-
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-_NEGATIONS = frozenset(
-    _words(
-        "not no never none nothing nobody nowhere neither nor without cannot cant dont doesnt didnt isnt "
-        "arent wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt"
-    )
-)
-_NUMBER_WORDS = {
-    w: str(i)
-    for i, w in enumerate(
-        _words(
-            "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-            "sixteen seventeen eighteen nineteen twenty"
-        )
-    )
-}
-_NUMBER_WORDS |= {"first": "1", "second": "2", "third": "3", "hundred": "100", "thousand": "1000"}
-_NUMBER_WORDS |= {"million": "1e6", "billion": "1e9", "half": "0.5", "single": "1", "double": "2"}
-# The kind of answer a question asks for, by its first question word.
-_KINDS = {
-    "what": "what",
-    "which": "what",
-    "whats": "what",
-    "what's": "what",
-    "why": "why",
-    "how": "how",
-    "who": "who",
-    "whom": "who",
-    "whose": "who",
-    "when": "when",
-    "where": "where",
-}
-_YES_NO = frozenset(
-    _words("can could should would will shall may might must is are am was were do does did has have had")
-)
-_STOP = frozenset(
-    _words(
-        """a an the and or but if then so of to in on at by for with from into onto about as than that this
-    these those there here it its it's i i'm me my mine we our ours you your yours he him his she her hers
-    they them their what which who whom whose why how when where whats can could should would will shall
-    may might must is are am was were be been being do does did doing has have had having get got getting
-    any some all also just very really much many more most such own same other another each every one's
-    own please best good way ways thing things someone something anyone anything people person quora"""
-    )
-)
-# Words that point at something the text does not hold ("this picture", "the following code"): two such
-# questions can read the same and still ask about different things.
-_DEIXIS = frozenset(_words("this these following attached above below pictured shown given"))
-_CONTRAST = frozenset(_words("outside except excluding besides instead apart rather unlike versus vs"))
-_PERSONS = {
-    **dict.fromkeys(_words("i me my mine myself i'm i've i'd"), "1"),
-    **dict.fromkeys(_words("you your yours yourself you're you've"), "2"),
-    **dict.fromkeys(_words("we us our ours ourselves"), "1p"),
-}
-_FEMALE = frozenset(
-    _words("girl girls woman women female females lady ladies wife girlfriend mother daughter sister she her")
-)
-_MALE = frozenset(
-    _words("boy boys man men male males guy guys husband boyfriend father son brother he him his")
-)
-# "How much" asks for something else than "how": the kind of question keeps the word after "how".
-_HOW_QUANTITY = frozenset({"much", "many", "long", "far", "old", "big", "often", "tall", "fast"})
 
 FEATURES: tuple[str, ...] = (
     "cosine",
@@ -153,199 +72,9 @@ FEATURES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """What the features need from one question; computed once per text and cached."""
-
-    words: tuple[str, ...]  # lowercase tokens in order
-    content: frozenset[str]  # stemmed content words
-    bigrams: frozenset[tuple[str, str]]
-    numbers: frozenset[str]
-    negations: int
-    entities: frozenset[str]  # lowercase forms of capitalised words past the first
-    kind: str
-    chars: frozenset[str]  # character trigrams of the lowercase text
-    deixis: bool
-    contrast: bool
-    gender: frozenset[str]  # "f", "m": whom the question is about, when it says
-    clauses: int  # questions or sentences in the text
-    persons: frozenset[str]  # grammatical persons the question speaks in: "1", "2", "1p"
-    order: dict[str, int]  # content word -> where it first appears
-
-
-def _stem(word: str) -> str:
-    # Just enough to match plurals and common inflections; the model learns the rest from cosine.
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 5 and word.endswith("ing"):
-        return word[:-3]
-    if len(word) > 4 and word.endswith("ed"):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        return word[:-1]
-    return word
-
-
-def _kind(words: Sequence[str]) -> str:
-    for i, w in enumerate(words):
-        kind = _KINDS.get(w)
-        if kind == "how" and i + 1 < len(words) and words[i + 1] in _HOW_QUANTITY:
-            return "how-" + words[i + 1]
-        if kind:
-            return kind
-        if i == 0 and w in _YES_NO:
-            return "yes-no"
-    return "other"
-
-
-# Cached questions are parsed once; bounded, as each Parsed holds a few kB of trigrams.
-@lru_cache(maxsize=4096)
-def parse(text: str) -> Parsed:
-    text = text.translate(_APOSTROPHES)
-    lower = text.lower()
-    words = tuple(_WORD.findall(lower))
-    negations = 0
-    numbers = set(_NUMBER.findall(lower))
-    content = set()
-    for w in words:
-        bare = w.replace("'", "")
-        if bare in _NEGATIONS or w.endswith("n't"):
-            negations += 1
-            continue
-        if w in _NUMBER_WORDS:
-            numbers.add(_NUMBER_WORDS[w])
-            continue
-        w = w.removesuffix("'s")
-        if w in _STOP or w.isdigit():
-            continue
-        content.add(_stem(w))
-    cased = _CASED.findall(text)
-    entities = frozenset(
-        w.lower().removesuffix("'s")
-        for i, w in enumerate(cased)
-        if i > 0 and (w[0].isupper() or any(c.isupper() for c in w[1:])) and w.lower() not in _STOP
-    )
-    stems = [_stem(w) for w in words]
-    squeezed = " ".join(words)
-    return Parsed(
-        words=words,
-        content=frozenset(content),
-        bigrams=frozenset(itertools.pairwise(stems)),
-        numbers=frozenset(numbers),
-        negations=negations,
-        entities=entities,
-        kind=_kind(words),
-        chars=_trigrams(squeezed),
-        deixis=not _DEIXIS.isdisjoint(words),
-        contrast=not _CONTRAST.isdisjoint(words),
-        gender=frozenset(g for g, group in (("f", _FEMALE), ("m", _MALE)) if not group.isdisjoint(words)),
-        clauses=max(1, len(_CLAUSE.findall(text.strip()))),
-        persons=frozenset(_PERSONS[w] for w in words if w in _PERSONS),
-        order={w: i for i, w in reversed(list(enumerate(stems))) if w in content},
-    )
-
-
-def _negative(word: str) -> bool:
-    return word.replace("'", "") in _NEGATIONS or word.endswith("n't")
-
-
-SHARED_WORDS = 3  # an instruction both prompts share: at least this many words, and half the shorter
-# What ends an instruction: a question, a colon, a sentence, a line, a quote or a bracket. Not a comma or
-# a dash, which join the parts of one sentence ("El Watan, an Algerian newspaper, reported that ..."),
-# nor the period of an abbreviation or a time ("U.S. crackdown", "Oct. 24", "2:05 p.m. on Sunday").
-_SEGMENT_END = re.compile(
-    r"[?!;\n\"'()\[\]{}\u201c\u201d\u00ab\u00bb]|:(?!\d)|(?<=[A-Za-z0-9]{2})\.(?=\s+[^a-z0-9\s])"
-)
-_CASED_WORD = re.compile(_WORD.pattern.replace("a-z", "a-zA-Z"))
-
-
-@lru_cache(maxsize=4096)
-def _segment_starts(text: str) -> tuple[bool, ...]:
-    """For each of parse(text).words, whether a segment ends just before it (the first word: False)."""
-    parsed = parse(text)  # the same call shared_instruction made: its words, from the cache
-    text = text.translate(_APOSTROPHES)
-    words = list(_CASED_WORD.finditer(text))
-    if tuple(m.group().lower() for m in words) != parsed.words:
-        # Lowercasing changed where the words are (rare letters outside ASCII): no cue from case, then.
-        text = text.lower()
-        words = list(_WORD.finditer(text))
-    starts, end = [], None
-    for match in words:
-        starts.append(end is not None and _SEGMENT_END.search(text, end, match.start() + 1) is not None)
-        end = match.end()
-    return tuple(starts)
-
-
-def _whole_segment(q: str, c: str, prefix: int, suffix: int) -> bool:
-    """Whether the words both texts share at their start (`prefix` of them) or end (`suffix`) hold a
-    whole segment: the shared part is an instruction of its own, not the first words of one sentence."""
-    sq, sc = _segment_starts(q), _segment_starts(c)
-    if any(sq[i] and sc[i] for i in range(1, prefix + 1) if i < len(sq) and i < len(sc)):
-        return True
-    return any(sq[len(sq) - i] and sc[len(sc) - i] for i in range(1, suffix + 1))
-
-
-def shared_instruction(query: str, candidate: str) -> bool:
-    """Two prompts that share an instruction and differ in their input ("Is this review friendly? The
-    food was great." / "... The service was slow."): the shared words lift their cosine and their
-    features alike, yet they ask about different things. True when the words around the shared prefix
-    and suffix negate one side only, or substitute a content word on each side where the shared words
-    hold a whole segment (a question, a clause before a colon, a sentence): a sentence reworded inside
-    ("The poll had a margin of error of 2 points." / "The survey had ...") is the trees' to judge."""
-    q, c = parse(query).words, parse(candidate).words
-    shortest = min(len(q), len(c))
-    prefix = 0
-    while prefix < shortest and q[prefix] == c[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < shortest - prefix and q[-1 - suffix] == c[-1 - suffix]:
-        suffix += 1
-    shared = prefix + suffix
-    if shared < SHARED_WORDS or 2 * shared < shortest or shared == len(q) == len(c):
-        return False
-    rest_q, rest_c = q[prefix : len(q) - suffix], c[prefix : len(c) - suffix]
-    negated = [any(_negative(w) for w in r) for r in (rest_q, rest_c)]
-    if negated[0] != negated[1]:
-        return True
-    content_q = {_stem(w) for w in rest_q if w not in _STOP}
-    content_c = {_stem(w) for w in rest_c if w not in _STOP}
-    substituted = bool(content_q - content_c) and bool(content_c - content_q)
-    return substituted and _whole_segment(query, candidate, prefix, suffix)
-
-
-# Words and the symbols that carry meaning ("2+2" is not "2-2", "-5" not "5"); sentence punctuation,
-# case and spacing ("e- commerce", "e-commerce") are not part of what is asked.
-_TOKEN = re.compile(r"\w+(?:'\w+)?|-(?=\d)|[^\w\s.,;:!?'\"()\[\]{}-]")
-
-
-@lru_cache(maxsize=4096)
-def wording(text: str) -> tuple[str, ...]:
-    """What a text asks, word by word: its words and meaningful symbols, lowercase, in order."""
-    return tuple(_TOKEN.findall(text.translate(_APOSTROPHES).lower()))
-
-
-def same_words(query: str, candidate: str) -> bool:
-    """The same words and symbols in the same order: one question, however cased, spaced or punctuated.
-    Texts of punctuation alone have no words to be the same."""
-    words = wording(query)
-    return bool(words) and words == wording(candidate)
-
-
-def rule(query: str, candidate: str) -> float | None:
-    """What the hand-written rules decide before the trees: 1 (serve) for the same words, 0 (refuse) for
-    a shared instruction with different inputs, None (the trees decide) otherwise."""
-    if same_words(query, candidate):
-        return 1.0
-    return 0.0 if shared_instruction(query, candidate) else None
-
-
-def _trigrams(text: str) -> frozenset[str]:
-    return frozenset(text[i : i + 3] for i in range(max(len(text) - 2, 0)))
-
-
 @lru_cache(maxsize=16384)
 def _word_trigrams(word: str) -> frozenset[str]:
-    return _trigrams(f" {word} ")
+    return trigrams(f" {word} ")
 
 
 def _order(q: dict[str, int], c: dict[str, int]) -> float:
