@@ -43,7 +43,6 @@ import numpy as np
 import orjson
 
 from iros.cache import plan as cache_plan
-from iros.cache import replay as cache_replay
 from iros.cache.base import MAX_TEXT_CHARS, CacheEntry, CacheStore, Embedder, EmbedderBusy
 from iros.cache.calibration import Calibration, Pending, Scope
 from iros.cache.plan import SHARED, Plan
@@ -529,19 +528,6 @@ class ResponseCache:
         if not task.cancelled() and task.exception() is not None:
             self.counts["store_errors"] += 1
             log.warning("cache write failed: %s", task.exception())
-
-    # --- replay (replay.py) ------------------------------------------------------------------
-    @staticmethod
-    def replay_json(hit: Hit, request_id: str) -> bytes:
-        return cache_replay.replay_json(hit.entry, request_id)
-
-    @staticmethod
-    def replay_chunks(hit: Hit, request_id: str, include_usage: bool) -> list[bytes]:
-        return cache_replay.replay_chunks(hit.entry, request_id, include_usage)
-
-    @staticmethod
-    def assemble(chunks: list[bytes]) -> dict[str, Any] | None:
-        return cache_replay.assemble(chunks)
 
     # --- control ------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:

@@ -22,17 +22,15 @@ from iros.config.alerting import (
     WebhookChannelConfig,
 )
 from iros.config.base import Duration, Strict
+from iros.config.cache import CacheSettings, CacheStoreSettings, EmbedderSettings
 from iros.config.loading import DEFAULT_CONFIG, ConfigError, format_errors, load_settings, read_yaml, redacted
 from iros.config.settings import (
     MIN_KEY_CHARS,
     AuthSettings,
     AutoOptimization,
     Budget,
-    CacheSettings,
-    CacheStoreSettings,
     CircuitBreakerSettings,
     CustomMetrics,
-    EmbedderSettings,
     Interval,
     Key,
     KeyEntry,

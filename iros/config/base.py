@@ -1,8 +1,10 @@
-"""What every settings block shares: unknown keys refused, durations checked where they are written."""
+"""What every settings block shares: unknown keys refused, durations checked where they are written, one
+credential per upstream (models and the embedder)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
@@ -24,3 +26,12 @@ def _check_duration(value: Any) -> Any:
 
 # "2m", "30s", "1h" or a number of seconds.
 Duration = Annotated[str | float, BeforeValidator(_check_duration)]
+
+
+def one_credential(base_url: str | None, api_key_env: str | None) -> None:
+    # The HTTP client cannot send both (every request and /ready would fail): say so at load.
+    if base_url and api_key_env and "@" in urlsplit(base_url).netloc:
+        raise ValueError(
+            "base_url holds credentials (user:password@) and api_key_env names a key: give one of "
+            "them (a bearer key in api_key_env, or basic auth in the URL)"
+        )

@@ -26,6 +26,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from iros.backends.base import Completion
+from iros.cache import replay
 from iros.cache.engine import Hit, ResponseCache
 from iros.cache.plan import SHARED, Plan
 from iros.config import Settings
@@ -313,7 +314,7 @@ class Gateway:
             cost(self.prices.of_model(hit.entry.model), record.usage) or 0.0,
         )
         if not request.stream:
-            body = ResponseCache.replay_json(hit, record.request_id)
+            body = replay.replay_json(hit.entry, record.request_id)
             record.body_bytes = len(body)
             headers = response_headers(
                 record, hit.entry.model, [JSON, (b"content-length", b"%d" % len(body))]
@@ -321,7 +322,7 @@ class Gateway:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         else:
-            chunks = ResponseCache.replay_chunks(hit, record.request_id, request.include_usage)
+            chunks = replay.replay_chunks(hit.entry, record.request_id, request.include_usage)
             await send(
                 {
                     "type": "http.response.start",
@@ -505,7 +506,7 @@ class Gateway:
             self._done(deployment)
         if complete and keep is not None and self.cache is not None and plan is not None:
             # Only a stream that reached [DONE] is put back together and cached.
-            assembled = ResponseCache.assemble(keep)
+            assembled = replay.assemble(keep)
             if assembled is not None:
                 self.cache.save(plan, assembled, upstream_ms(spans), deployment.name)
 
