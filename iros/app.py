@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import sqlite3
@@ -47,6 +46,8 @@ from iros.conditions.parse import ConditionError
 from iros.config import ConfigError, Settings
 from iros.core.admission import Admission
 from iros.core.errors import IrosError
+from iros.core.heap import Heap
+from iros.core.periodic import every
 from iros.core.schema import OPERATIONS
 from iros.core.sqlitefile import IncompatibleFile
 from iros.dashboard.pages import DashboardPages, SessionCookieMiddleware
@@ -69,6 +70,7 @@ from iros.state.lease import Leadership
 from iros.state.sync import SharedState, build_state
 
 log = logging.getLogger("iros")
+REFREEZE_SECONDS = 5.0  # how often the heap checks for modules loaded since it was frozen (a length compared)
 
 
 def check_settings(settings: Settings) -> None:
@@ -127,6 +129,8 @@ class IrosApp:
         self.alerts = alerts
         self.telemetry = telemetry
         self._settling: asyncio.Task[None] | None = None
+        self.heap = Heap()
+        self._refreezing: asyncio.Task[None] | None = None
         self.shared = shared
         self.leadership = leadership
         self.routes = Starlette(
@@ -178,7 +182,9 @@ class IrosApp:
             raise
         # Everything built so far (modules, classes, the app) lives as long as the process: out of the
         # collector's way, a full collection scans only what requests allocate, not tens of ms of heap.
-        gc.freeze()
+        # Libraries loaded on first use (analysis, reports) are frozen once they are in (core/heap.py).
+        self.heap.freeze()
+        self._refreezing = asyncio.create_task(every(REFREEZE_SECONDS, self.heap.refreeze, log, "heap"))
         try:
             yield
         finally:
@@ -219,6 +225,8 @@ class IrosApp:
             await self.leadership.close()  # released: another worker takes over at once
         if self._settling is not None:
             self._settling.cancel()
+        if self._refreezing is not None:
+            self._refreezing.cancel()
         if self.alerts is not None:
             await self.alerts.close()
         if self.analysis is not None:
