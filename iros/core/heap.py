@@ -7,9 +7,10 @@ heap.refreeze()               # every 5 s (iros.app): freezes again only if modu
 A full collection scans every tracked object outside the frozen set. Iros loads some libraries on first
 use (scipy and pandas for analysis, plotly for reports) so that a start stays quick; their tens of
 thousands of functions, classes and dicts then sat in the oldest generation, and each full collection,
-a pause of the whole event loop, scanned them again (about 20 ms each, measured under load, against 7 ms
-with them frozen). Freezing again only when sys.modules grew keeps the frozen set to what imports made:
-data that comes and goes (cache entries, windows of metrics) stays collectable.
+a pause of the whole event loop, scanned them again: about 20 ms each under load at concurrency 64
+(28 ms at most), against 2.5 ms (5 ms at most) with them frozen. Freezing again only when sys.modules
+grew keeps the frozen set to what imports made: data that comes and goes (cache entries, windows of
+metrics) stays collectable.
 """
 
 from __future__ import annotations
