@@ -1,5 +1,5 @@
 """What every settings block shares: unknown keys refused, durations checked where they are written, one
-credential per upstream (models and the embedder)."""
+credential per upstream (models and the embedder), a usable URL for a Redis backend (cache store, state)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ def one_credential(base_url: str | None, api_key_env: str | None) -> None:
             "base_url holds credentials (user:password@) and api_key_env names a key: give one of "
             "them (a bearer key in api_key_env, or basic auth in the URL)"
         )
+
+
+def redis_url(backend: str, url: str | None, block: str) -> None:
+    """A `block` whose backend is redis names a redis://, rediss:// or unix:// URL: say so at load."""
+    if backend == "redis" and not (url or "").startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{block}.backend redis needs {block}.url, e.g. redis://127.0.0.1:6379/0")

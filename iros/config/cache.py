@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from iros.config.base import Strict, one_credential
+from iros.config.base import Strict, one_credential, redis_url
 
 
 class CacheStoreSettings(Strict):
@@ -20,8 +20,7 @@ class CacheStoreSettings(Strict):
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> CacheStoreSettings:
-        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("store.backend redis needs store.url, e.g. redis://127.0.0.1:6379/0")
+        redis_url(self.backend, self.url, "store")
         return self
 
 

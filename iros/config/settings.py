@@ -21,7 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from iros.config.alerting import AlertingSettings, LiveAlertingSettings
-from iros.config.base import Strict, one_credential
+from iros.config.base import Strict, one_credential, redis_url
 from iros.config.cache import CacheSettings
 
 MIN_KEY_CHARS = 16  # the shortest API or admin key accepted on a non-loopback bind
@@ -353,8 +353,7 @@ class StateSettings(Strict):
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StateSettings:
-        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("state.backend redis needs state.url, e.g. redis://127.0.0.1:6379/0")
+        redis_url(self.backend, self.url, "state")
         return self
 
 

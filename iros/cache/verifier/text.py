@@ -144,8 +144,7 @@ def parse(text: str) -> Parsed:
     numbers = set(_NUMBER.findall(lower))
     content = set()
     for w in words:
-        bare = w.replace("'", "")
-        if bare in _NEGATIONS or w.endswith("n't"):
+        if negative(w):
             negations += 1
             continue
         if w in _NUMBER_WORDS:
