@@ -250,9 +250,11 @@ class Calibration:
         an outcome; until then each lookup gets a fresh, empty one, so flagged candidates met but never
         judged take no place among the MAX_SCOPES."""
         found = self.scopes.get((namespace, model, guarded))
-        if found is None and guarded:
+        if found is not None:
+            return found
+        if guarded:
             return Scope(self.delta, self.max_share, guarded)
-        return found if found is not None else self._kept(namespace, model, guarded)
+        return self._kept(namespace, model, guarded)
 
     def _kept(self, namespace: str, model: str, guarded: bool) -> Scope:
         key = (namespace, model, guarded)

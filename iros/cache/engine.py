@@ -59,6 +59,7 @@ log = logging.getLogger("iros.cache")
 
 CANDIDATES = 8  # nearest neighbours looked at per semantic lookup (then filtered by context)
 MAX_PENDING_SAVES = 1000  # answers waiting to be written; beyond it new ones are not cached
+MAX_PENDING_REASKS = 1000  # verification calls of served hits in flight; beyond it one is lost
 LOCAL_LOOKUP_TIMEOUT = 0.1  # seconds: embedder.lookup_timeout_ms's default for the local model
 
 
@@ -376,7 +377,7 @@ class ResponseCache:
     def verify_served(self, pending: Pending, fresh: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         """A served hit drawn for verification: `fresh` (the same request asked upstream) runs in the
         background and its answer is judged against the cached one."""
-        if len(self._reasks) >= MAX_PENDING_SAVES:
+        if len(self._reasks) >= MAX_PENDING_REASKS:
             self.verification.counts["verification_lost"] += 1
             return
         task = asyncio.ensure_future(self._verify_fresh(pending, fresh))
